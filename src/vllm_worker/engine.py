@@ -1,0 +1,129 @@
+"""Everything that talks to vLLM's engine: start it, submit a request, stream its outputs.
+
+This module (and ``engine_args``) are the only ones that import vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import AsyncLLMEngine, SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+
+from vllm_worker.engine_args import build_engine_args
+from vllm_worker.engine_types import EngineUpdate, GenerationRequest, SequenceDelta, TokenLogprob
+from vllm_worker.errors import InvalidInputError
+from vllm_worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """One vLLM ``AsyncLLMEngine`` shared by every job of the worker."""
+
+    def __init__(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def start(cls, settings: Settings) -> Engine:
+        """Load the model and start the engine's processes (seconds to minutes)."""
+        engine = AsyncLLMEngine.from_engine_args(build_engine_args(settings))
+        return cls(engine, engine.get_tokenizer(), engine.model_config.max_model_len)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt, with the BOS token the model expects."""
+        return list(self._tokenizer.encode(text))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineUpdate]:
+        """Submit ``request`` and yield its progress; cancelling the caller aborts it."""
+        params = _to_vllm_params(request)
+        prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        try:
+            async for output in self._engine.generate(prompt, params, request.request_id):
+                yield _to_update(output, self._tokenizer)
+        except VLLMValidationError as error:
+            # Values only the engine can check (e.g. token ids outside the vocabulary).
+            field = f"sampling_params.{error.parameter}" if error.parameter else "input"
+            raise InvalidInputError(f"{field}: {error}") from None
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes (they would outlive a killed parent)."""
+        self._engine.shutdown()
+        # Drop the engine now: its __del__ shuts down again, which fails noisily when
+        # it only runs at interpreter exit.
+        self._engine = None
+
+
+def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
+    sampling = request.sampling
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        stop=sampling.stop_list,
+        stop_token_ids=sampling.stop_token_ids,
+        bad_words=sampling.bad_words,
+        ignore_eos=sampling.ignore_eos,
+        max_tokens=request.max_tokens,
+        min_tokens=sampling.min_tokens,
+        logprobs=sampling.logprobs,
+        skip_special_tokens=sampling.skip_special_tokens,
+        spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+        # Deltas: the engine sends only new tokens, merging steps the worker has not
+        # read yet, so a busy worker never copies the whole text per token.
+        output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _to_update(output: Any, tokenizer: Any) -> EngineUpdate:
+    sequences = tuple(
+        SequenceDelta(
+            index=completion.index,
+            text=completion.text,
+            num_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            logprobs=_to_logprobs(completion, tokenizer) if completion.logprobs else (),
+        )
+        for completion in output.outputs
+    )
+    return EngineUpdate(
+        prompt_tokens=len(output.prompt_token_ids or ()),
+        sequences=sequences,
+        finished=output.finished,
+    )
+
+
+def _to_logprobs(completion: Any, tokenizer: Any) -> tuple[TokenLogprob, ...]:
+    entries = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
+        chosen = candidates[token_id]
+        entries.append(
+            TokenLogprob(
+                token=_token_text(chosen, token_id, tokenizer),
+                logprob=chosen.logprob,
+                top_logprobs={
+                    _token_text(candidate, candidate_id, tokenizer): candidate.logprob
+                    for candidate_id, candidate in candidates.items()
+                },
+            )
+        )
+    return tuple(entries)
+
+
+def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:
+    if logprob.decoded_token is not None:
+        return str(logprob.decoded_token)
+    return str(tokenizer.decode([token_id]))

@@ -1,0 +1,121 @@
+"""The job input: wire models for what a client may send, validated strictly.
+
+Types are strict (a string is not a number) because vLLM builds a ``SamplingParams``
+from anything and a wrongly typed field can wedge its engine core for every later
+request. Ranges mirror vLLM's own checks so that the client reads our message, which
+names the field and the allowed range, instead of an engine error. Unknown keys are
+refused by name: a misspelt ``max_token`` must not silently become the default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vllm_worker.errors import InvalidInputError
+
+MAX_STOP_SEQUENCES = 16
+MAX_SEED = 2**63 - 1
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SamplingParamsInput(_Strict):
+    """The subset of vLLM's ``SamplingParams`` a client may set; same names, same meaning."""
+
+    n: int = Field(1, ge=1, description="Number of completions to generate (capped by MAX_N).")
+    temperature: FiniteFloat = Field(1.0, ge=0.0, le=2.0, description="Randomness; 0 means greedy.")
+    top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=-1, description="Sample from the k likeliest tokens; 0 or -1: all.")
+    min_p: FiniteFloat = Field(0.0, ge=0.0, le=1.0, description="Minimum relative probability.")
+    presence_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same text.")
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    bad_words: list[StopString] | None = Field(None, max_length=64)
+    ignore_eos: bool = False
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate per completion; default DEFAULT_MAX_TOKENS."
+    )
+    min_tokens: int = Field(0, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top logprobs per token.")
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self) -> SamplingParamsInput:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})"
+            )
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class JobInput(_Strict):
+    """A job's ``input``: the prompt, how to sample, and how to stream the result."""
+
+    prompt: str = Field(min_length=1, description="The text to complete, sent as is.")
+    sampling_params: SamplingParamsInput = SamplingParamsInput()  # frozen: safe to share
+    stream: bool = Field(True, description="False: one final chunk instead of a stream.")
+    echo: bool = Field(True, description="Start each text with the prompt, as the seed does.")
+    stream_mode: Literal["cumulative", "delta"] = Field(
+        "cumulative",
+        description="cumulative: each chunk holds all text so far; delta: only the new text.",
+    )
+
+
+def parse_job_input(raw: object, *, max_n: int) -> JobInput:
+    """Validate a job's ``input``; every problem is reported in one ``InvalidInputError``."""
+    if not isinstance(raw, dict):
+        raise InvalidInputError(
+            f"input must be a JSON object with a 'prompt', got {type(raw).__name__}"
+        )
+    try:
+        job_input = JobInput.model_validate(raw)
+    except ValidationError as error:
+        raise InvalidInputError(_describe(error)) from None
+    if job_input.sampling_params.n > max_n:
+        raise InvalidInputError(
+            f"sampling_params.n: must be between 1 and {max_n} (MAX_N), "
+            f"got {job_input.sampling_params.n}"
+        )
+    return job_input
+
+
+def _describe(error: ValidationError) -> str:
+    problems: list[str] = []
+    for detail in error.errors(include_url=False):
+        # Union members add their type to the location ("stop.str"): keep the field path.
+        path = ".".join(str(part) for part in detail["loc"] if not _is_type_tag(part))
+        if detail["type"] == "extra_forbidden":
+            problems.append(f"{path}: unknown field; allowed: {_allowed_fields(detail['loc'])}")
+            continue
+        message = detail["msg"].removeprefix("Value error, ")
+        shown = repr(detail["input"]) if not isinstance(detail["input"], dict) else "an object"
+        problems.append(f"{path or 'input'}: {message} (got {shown[:80]})")
+    return "; ".join(dict.fromkeys(problems))
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in {"str", "int", "list[...]"} or "[" in part)
+
+
+def _allowed_fields(location: tuple[int | str, ...]) -> str:
+    model: type[BaseModel] = SamplingParamsInput if location[0] == "sampling_params" else JobInput
+    return ", ".join(model.model_fields)

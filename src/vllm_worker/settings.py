@@ -1,0 +1,106 @@
+"""The worker's settings: one typed, immutable object built once from the environment.
+
+Every environment variable the worker reads is a field here, named as the variable in
+lower case; nothing else in the package reads ``os.environ``. Defaults serve Llama 2 7B
+Chat on one GPU. An empty variable counts as unset (RunPod's endpoint form leaves blank
+fields empty). A value that does not parse or is out of range raises ``SettingsError``
+naming the variable, the value and what is allowed, and the worker does not start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vllm_worker.errors import SettingsError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Settings(BaseModel):
+    """All settings; see the README's settings table for what each one does."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    # --- the model -----------------------------------------------------------------
+    model_name: str = Field("meta-llama/Llama-2-7b-chat-hf", min_length=1)
+    model_revision: str | None = None
+    tokenizer_name: str | None = None
+    tokenizer_revision: str | None = None
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    load_format: str = "auto"
+    quantization: str | None = None
+    dtype: Dtype = "auto"
+    max_model_len: PositiveInt = 4096
+    seed: int = 0
+
+    # --- the engine ----------------------------------------------------------------
+    gpu_memory_utilization: Fraction = 0.90
+    kv_cache_memory_bytes: PositiveInt | None = None
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: PositiveInt = 1
+    pipeline_parallel_size: PositiveInt = 1
+    enforce_eager: bool = False
+    max_num_seqs: PositiveInt = 256
+    max_num_batched_tokens: PositiveInt | None = None
+    enable_prefix_caching: bool = True
+    block_size: PositiveInt | None = None
+    max_logprobs: Annotated[int, Field(ge=0)] = 20
+
+    # --- the worker ----------------------------------------------------------------
+    max_concurrency: PositiveInt = 64
+    default_max_tokens: PositiveInt = 1024
+    max_n: Annotated[int, Field(ge=1, le=128)] = 16
+    stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
+    log_level: LogLevel = "INFO"
+
+    # --- read from RunPod's own variables, to pick the run mode --------------------
+    runpod_webhook_get_job: str | None = None
+    runpod_realtime_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    # The SDK's own default is DEBUG, which logs every prompt and completion; unset,
+    # it follows LOG_LEVEL instead.
+    runpod_log_level: Literal["NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"] | None = None
+
+    @field_validator("log_level", "runpod_log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def tokenizer(self) -> str:
+        return self.tokenizer_name or self.model_name
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build the settings from environment variables (``Settings.from_env(os.environ)``)."""
+        raw = {
+            name: environ[name.upper()].strip()
+            for name in cls.model_fields
+            if environ.get(name.upper(), "").strip()
+        }
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            raise SettingsError(_describe(error, raw)) from None
+
+
+def _describe(error: ValidationError, raw: Mapping[str, str]) -> str:
+    """One line per bad variable: its name, what it holds and what is allowed."""
+    problems = []
+    for detail in error.errors(include_url=False):
+        name = str(detail["loc"][0])
+        allowed = detail["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+        problems.append(f"{name.upper()}={raw.get(name, '')!r} is invalid: must be {allowed}")
+    return "; ".join(problems)

@@ -1,0 +1,104 @@
+"""Turn the engine's per-step deltas into the chunks a job streams.
+
+The wire format is the ``llama2-7b-chat`` endpoint's: every chunk is
+``{"text": [<text of sequence 0>, ..., <text of sequence n-1>]}`` where each text is
+cumulative (the prompt, then everything generated so far). ``stream_mode: "delta"``
+sends only what is new in each chunk instead; concatenating a sequence's deltas gives
+its cumulative text. The final chunk adds ``finish_reason`` (one per sequence) and
+``usage``, and ``logprobs`` when they were asked for.
+
+Nothing here knows about vLLM: ``engine.py`` converts its outputs to ``EngineUpdate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vllm_worker.engine_types import EngineUpdate, TokenLogprob
+
+StreamMode = Literal["cumulative", "delta"]
+Chunk = dict[str, Any]
+
+
+@dataclass
+class _Sequence:
+    text: str
+    unsent_from: int = 0
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class ChunkBuilder:
+    """Accumulates engine updates for one job and renders its chunks."""
+
+    def __init__(self, *, prompt: str, n: int, echo: bool, mode: StreamMode) -> None:
+        start = prompt if echo else ""
+        self._sequences = [_Sequence(text=start) for _ in range(n)]
+        self._mode = mode
+        self.prompt_tokens = 0
+        self.pending = False  # updates not yet rendered into a chunk
+
+    def add(self, update: EngineUpdate) -> None:
+        self.prompt_tokens = update.prompt_tokens
+        for delta in update.sequences:
+            sequence = self._sequences[delta.index]
+            sequence.text += delta.text
+            sequence.num_tokens += delta.num_tokens
+            sequence.logprobs.extend(delta.logprobs)
+            if delta.finish_reason is not None:
+                sequence.finish_reason = delta.finish_reason
+        self.pending = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(sequence.num_tokens for sequence in self._sequences)
+
+    def chunk(self) -> Chunk:
+        """A streamed chunk with what has arrived since the previous chunk."""
+        self.pending = False
+        return {"text": self._texts()}
+
+    def final_chunk(self, *, with_logprobs: bool) -> Chunk:
+        """The last chunk: the remaining text, why each sequence stopped, and usage."""
+        chunk = self.chunk()
+        chunk["finish_reason"] = [sequence.finish_reason for sequence in self._sequences]
+        chunk["usage"] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        if with_logprobs:
+            chunk["logprobs"] = [
+                [vars(entry) for entry in sequence.logprobs] for sequence in self._sequences
+            ]
+        return chunk
+
+    def _texts(self) -> list[str]:
+        if self._mode == "cumulative":
+            return [sequence.text for sequence in self._sequences]
+        texts = []
+        for sequence in self._sequences:
+            texts.append(sequence.text[sequence.unsent_from :])
+            sequence.unsent_from = len(sequence.text)
+        return texts
+
+
+class EmissionClock:
+    """Decides when to send a chunk: the first at once, then at most one per interval.
+
+    A chunk held back is not lost: its text is in the next chunk, and the final chunk
+    is always sent. Coalescing bounds the bytes of a cumulative stream and the number of
+    HTTP posts the runpod SDK makes per job, without delaying the first token.
+    """
+
+    def __init__(self, min_interval_s: float) -> None:
+        self._min_interval_s = min_interval_s
+        self._last_sent: float | None = None
+
+    def should_send(self, now: float) -> bool:
+        if self._last_sent is not None and now - self._last_sent < self._min_interval_s:
+            return False
+        self._last_sent = now
+        return True

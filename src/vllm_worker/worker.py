@@ -1,0 +1,112 @@
+"""The RunPod job handler: job input in, streamed chunks out.
+
+``make_handler`` returns the async generator that ``runpod.serverless.start`` calls once
+per job. Many jobs run at once in one event loop; the engine batches them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm_worker.engine_types import GenerationRequest
+from vllm_worker.errors import InvalidInputError, job_error
+from vllm_worker.schema import JobInput, parse_job_input
+from vllm_worker.settings import Settings
+from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock
+
+if TYPE_CHECKING:  # engine.py imports vLLM; this module must not need it at run time
+    from vllm_worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], AsyncIterator[Chunk]]
+
+
+@dataclass
+class _JobStats:
+    started: float
+    first_token: float | None = None
+
+
+def make_handler(engine: Engine, settings: Settings) -> Handler:
+    """The handler for ``runpod.serverless.start``: one call per job."""
+
+    async def handler(job: dict[str, Any]) -> AsyncIterator[Chunk]:
+        job_id = str(job.get("id", "-"))
+        try:
+            job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
+            async for chunk in _run(engine, settings, job_id, job_input):
+                yield chunk
+        except Exception as error:  # the one place errors become a job error
+            yield job_error(error, job_id)
+
+    return handler
+
+
+async def _run(
+    engine: Engine,
+    settings: Settings,
+    job_id: str,
+    job_input: JobInput,
+) -> AsyncIterator[Chunk]:
+    stats = _JobStats(started=time.perf_counter())
+    prompt_token_ids = engine.tokenize(job_input.prompt)
+    max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
+    request = GenerationRequest(
+        request_id=job_id,
+        prompt_token_ids=prompt_token_ids,
+        sampling=job_input.sampling_params,
+        max_tokens=max_tokens,
+        stream=job_input.stream,
+    )
+    builder = ChunkBuilder(
+        prompt=job_input.prompt,
+        n=job_input.sampling_params.n,
+        echo=job_input.echo,
+        mode=job_input.stream_mode,
+    )
+    clock = EmissionClock(settings.stream_min_interval_ms / 1000)
+    async for update in engine.generate(request):
+        builder.add(update)
+        if stats.first_token is None:
+            stats.first_token = time.perf_counter()
+        if job_input.stream and not update.finished and clock.should_send(time.perf_counter()):
+            yield builder.chunk()
+    final = builder.final_chunk(with_logprobs=job_input.sampling_params.logprobs is not None)
+    _log_job(job_id, stats, builder, final["finish_reason"])
+    yield final
+
+
+def _max_tokens(
+    job_input: JobInput, prompt_tokens: int, max_model_len: int, settings: Settings
+) -> int:
+    """Requested (or default) max_tokens, clipped to what fits in the context window."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise InvalidInputError(
+            f"prompt: has {prompt_tokens} tokens, but the model's context (MAX_MODEL_LEN) is "
+            f"{max_model_len} tokens: at most {max_model_len - 1} prompt tokens fit"
+        )
+    requested = job_input.sampling_params.max_tokens or settings.default_max_tokens
+    # Clipped requests end with finish_reason "length", as OpenAI's API does.
+    return min(requested, room)
+
+
+def _log_job(job_id: str, stats: _JobStats, builder: ChunkBuilder, reasons: list[Any]) -> None:
+    elapsed = time.perf_counter() - stats.started
+    ttft_ms = ((stats.first_token or stats.started) - stats.started) * 1000
+    tokens = builder.completion_tokens
+    log.info(
+        "job %s done: prompt_tokens=%d completion_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
+        "finish_reason=%s",
+        job_id,
+        builder.prompt_tokens,
+        tokens,
+        ttft_ms,
+        tokens / elapsed if elapsed > 0 else 0.0,
+        ",".join(str(reason) for reason in reasons),
+    )
