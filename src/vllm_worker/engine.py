@@ -26,7 +26,8 @@ class Engine:
     """One vLLM ``AsyncLLMEngine`` shared by every job of the worker."""
 
     def __init__(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
-        self._engine = engine
+        # The vLLM engine itself, for benchmarks and tests that compare against it.
+        self.async_llm = engine
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
 
@@ -45,7 +46,7 @@ class Engine:
         params = _to_vllm_params(request)
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         try:
-            async for output in self._engine.generate(prompt, params, request.request_id):
+            async for output in self.async_llm.generate(prompt, params, request.request_id):
                 yield _to_update(output, self._tokenizer)
         except VLLMValidationError as error:
             # Values only the engine can check (e.g. token ids outside the vocabulary).
@@ -54,10 +55,10 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the engine's processes (they would outlive a killed parent)."""
-        self._engine.shutdown()
+        self.async_llm.shutdown()
         # Drop the engine now: its __del__ shuts down again, which fails noisily when
         # it only runs at interpreter exit.
-        self._engine = None
+        self.async_llm = None
 
 
 def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
@@ -72,7 +73,7 @@ def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
         frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty,
         seed=sampling.seed,
-        stop=sampling.stop_list,
+        stop=sampling.stop,
         stop_token_ids=sampling.stop_token_ids,
         bad_words=sampling.bad_words,
         ignore_eos=sampling.ignore_eos,

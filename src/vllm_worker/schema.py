@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from vllm_worker.errors import InvalidInputError
 
@@ -21,6 +28,11 @@ MAX_SEED = 2**63 - 1
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+def _one_stop_as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
 
 
 class _Strict(BaseModel):
@@ -39,7 +51,9 @@ class SamplingParamsInput(_Strict):
     frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same text.")
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stop: Annotated[StopList | None, BeforeValidator(_one_stop_as_list)] = Field(
+        None, description="A string or a list of strings that end a completion."
+    )
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     bad_words: list[StopString] | None = Field(None, max_length=64)
     ignore_eos: bool = False
@@ -59,12 +73,6 @@ class SamplingParamsInput(_Strict):
                 f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})"
             )
         return self
-
-    @property
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
 class JobInput(_Strict):
@@ -101,8 +109,7 @@ def parse_job_input(raw: object, *, max_n: int) -> JobInput:
 def _describe(error: ValidationError) -> str:
     problems: list[str] = []
     for detail in error.errors(include_url=False):
-        # Union members add their type to the location ("stop.str"): keep the field path.
-        path = ".".join(str(part) for part in detail["loc"] if not _is_type_tag(part))
+        path = ".".join(str(part) for part in detail["loc"])
         if detail["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown field; allowed: {_allowed_fields(detail['loc'])}")
             continue
@@ -110,10 +117,6 @@ def _describe(error: ValidationError) -> str:
         shown = repr(detail["input"]) if not isinstance(detail["input"], dict) else "an object"
         problems.append(f"{path or 'input'}: {message} (got {shown[:80]})")
     return "; ".join(dict.fromkeys(problems))
-
-
-def _is_type_tag(part: object) -> bool:
-    return isinstance(part, str) and (part in {"str", "int", "list[...]"} or "[" in part)
 
 
 def _allowed_fields(location: tuple[int | str, ...]) -> str:

@@ -1,0 +1,33 @@
+"""Fixtures shared by every test layer: the tiny model and the environment that serves it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY_ENGINE_ENV
+from vllm_worker.tiny_model import build
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def worker_env(tiny_model_dir: Path) -> dict[str, str]:
+    """A full environment for a worker subprocess on the tiny model, loopback only."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPOD_")}
+    env.update(TINY_ENGINE_ENV)
+    env.update(
+        {
+            "MODEL_NAME": str(tiny_model_dir),
+            # The SDK's start-up checks connect to 8.8.8.8: tests talk to loopback only.
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env

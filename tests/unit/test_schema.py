@@ -1,0 +1,157 @@
+"""Job input validation: strict types, ranges, unknown keys named, one-line messages."""
+
+from typing import Any
+
+import pytest
+
+from vllm_worker.errors import InvalidInputError
+from vllm_worker.schema import JobInput, parse_job_input
+
+SEED_INPUT = {
+    "prompt": "\nWrite me an essay about how the french revolution impacted the rest of europe.\n",
+    "sampling_params": {
+        "max_tokens": 1000,
+        "n": 1,
+        "presence_penalty": 0.2,
+        "frequency_penalty": 0.7,
+        "temperature": 0.3,
+    },
+}
+
+
+def parse(raw: Any) -> JobInput:
+    return parse_job_input(raw, max_n=16)
+
+
+def rejected(raw: Any) -> str:
+    with pytest.raises(InvalidInputError) as raised:
+        parse(raw)
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+def with_params(**params: Any) -> dict[str, Any]:
+    return {"prompt": "Hello there", "sampling_params": params}
+
+
+def test_the_seed_request_is_accepted_with_its_values() -> None:
+    job = parse(SEED_INPUT)
+    assert job.prompt == SEED_INPUT["prompt"]
+    params = job.sampling_params
+    assert (params.max_tokens, params.n, params.temperature) == (1000, 1, 0.3)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.2, 0.7)
+    assert (job.stream, job.echo, job.stream_mode) == (True, True, "cumulative")
+
+
+def test_defaults_when_only_a_prompt_is_sent() -> None:
+    job = parse({"prompt": "Hi"})
+    assert job.sampling_params.max_tokens is None  # the worker applies DEFAULT_MAX_TOKENS
+    assert job.sampling_params.n == 1
+    assert job.sampling_params.stop is None
+
+
+def test_stop_accepts_a_string_or_a_list() -> None:
+    assert parse(with_params(stop="###")).sampling_params.stop == ["###"]
+    assert parse(with_params(stop=["a", "b"])).sampling_params.stop == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({}, "prompt: Field required"),
+        ({"prompt": ""}, "prompt: String should have at least 1 character"),
+        ({"prompt": 42}, "prompt: Input should be a valid string (got 42)"),
+        (
+            with_params(temperature=3.5),
+            "sampling_params.temperature: Input should be less than or equal to 2 (got 3.5)",
+        ),
+        (
+            with_params(temperature="hot"),
+            "sampling_params.temperature: Input should be a valid number",
+        ),
+        (
+            with_params(temperature=float("nan")),
+            "sampling_params.temperature: Input should be a finite number",
+        ),
+        (with_params(top_p=0), "sampling_params.top_p: Input should be greater than 0"),
+        (
+            with_params(top_k=-2),
+            "sampling_params.top_k: Input should be greater than or equal to -1",
+        ),
+        (
+            with_params(max_tokens=0),
+            "sampling_params.max_tokens: Input should be greater than or equal to 1",
+        ),
+        (
+            with_params(max_tokens="100"),
+            "sampling_params.max_tokens: Input should be a valid integer",
+        ),
+        (with_params(seed="abc"), "sampling_params.seed: Input should be a valid integer"),
+        (with_params(seed=-1), "sampling_params.seed: Input should be greater than or equal to 0"),
+        (with_params(n=0), "sampling_params.n: Input should be greater than or equal to 1"),
+        (
+            with_params(presence_penalty=2.5),
+            "sampling_params.presence_penalty: Input should be less than or equal to 2",
+        ),
+        (
+            with_params(logprobs=21),
+            "sampling_params.logprobs: Input should be less than or equal to 20",
+        ),
+        (
+            with_params(stop=[1, 2]),
+            "sampling_params.stop.0: Input should be a valid string (got 1)",
+        ),
+        (with_params(stop=5), "sampling_params.stop: Input should be a valid list (got 5)"),
+        (with_params(stop=[""]), "sampling_params.stop.0: String should have at least 1 character"),
+        (with_params(stop=["x"] * 17), "sampling_params.stop: List should have at most 16 items"),
+        (
+            with_params(stop_token_ids=[-1]),
+            "sampling_params.stop_token_ids.0: Input should be greater than or equal to 0",
+        ),
+        (
+            with_params(ignore_eos="yes"),
+            "sampling_params.ignore_eos: Input should be a valid boolean",
+        ),
+        (
+            with_params(min_tokens=10, max_tokens=5),
+            "min_tokens (10) must be at most max_tokens (5)",
+        ),
+        (
+            {"prompt": "x", "stream_mode": "words"},
+            "stream_mode: Input should be 'cumulative' or 'delta'",
+        ),
+        (
+            {"prompt": "x", "sampling_params": "hot"},
+            "sampling_params: Input should be a valid dictionary",
+        ),
+    ],
+)
+def test_invalid_values_name_the_field_and_the_rule(raw: Any, expected: str) -> None:
+    assert expected in rejected(raw)
+
+
+def test_unknown_keys_are_named_never_dropped() -> None:
+    message = rejected(with_params(max_token=100, best_of=2))
+    assert "sampling_params.max_token: unknown field" in message
+    assert "sampling_params.best_of: unknown field" in message
+    assert "allowed: n, temperature" in message
+    assert "max_tokens" in message
+    top_level = rejected({"prompt": "x", "temprature": 0.5})
+    assert "temprature: unknown field; allowed: prompt, sampling_params" in top_level
+
+
+def test_n_is_capped_by_max_n() -> None:
+    assert parse_job_input(with_params(n=4), max_n=4).sampling_params.n == 4
+    with pytest.raises(InvalidInputError, match=r"sampling_params.n: must be between 1 and 4"):
+        parse_job_input(with_params(n=5), max_n=4)
+
+
+@pytest.mark.parametrize("raw", [None, "a prompt", ["prompt"], 3])
+def test_input_that_is_not_an_object(raw: Any) -> None:
+    assert "input must be a JSON object" in rejected(raw)
+
+
+def test_long_offending_values_are_shortened_in_the_message() -> None:
+    message = rejected(with_params(temperature="x" * 5000))
+    assert len(message) < 1000
