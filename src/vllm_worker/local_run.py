@@ -47,7 +47,7 @@ def run(argv: Sequence[str], settings: Settings) -> int:
     if "error" in final:
         print(f"Job failed: {final['error']}", file=sys.stderr)
         return 1
-    print(f"Job result: {json.dumps({'output': final})}", flush=True)
+    print(f"Job result: {json.dumps({'output': final}, ensure_ascii=False)}", flush=True)
     return 0
 
 
@@ -81,6 +81,6 @@ async def _print_chunks(handler: Any, job: dict[str, Any]) -> Chunk:
         if "error" in chunk:
             return dict(chunk)
         number += 1
-        print(f"chunk {number}: {json.dumps(chunk)}", flush=True)
+        print(f"chunk {number}: {json.dumps(chunk, ensure_ascii=False)}", flush=True)
         last = chunk
     return last
