@@ -242,3 +242,30 @@ def _printable_substring(text: str, start: int, length: int = 3) -> str:
         if candidate.isalpha() and candidate.isascii():
             return candidate
     pytest.fail(f"no plain-letter run of {length} in the generated text {text!r}")
+
+
+def test_cancelling_a_job_aborts_its_engine_request(
+    run: Run, handler: Handler, engine: Engine
+) -> None:
+    """RunPod cancels a job by cancelling the handler's task: the engine must stop on it."""
+    request = {"id": "to-cancel", "input": job(max_tokens=400, ignore_eos=True)}
+    received: list[Chunk] = []
+
+    async def consume() -> None:
+        async for chunk in handler(request):
+            received.append(chunk)
+
+    async def cancel_after_two_chunks() -> int:
+        task = asyncio.ensure_future(consume())
+        while len(received) < 2:
+            await asyncio.sleep(0.005)
+        assert engine.async_llm.get_num_unfinished_requests() == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)
+        return int(engine.async_llm.get_num_unfinished_requests())
+
+    assert run(cancel_after_two_chunks()) == 0
+    assert "finish_reason" not in received[-1]
+    assert run(collect(handler, job(max_tokens=5)))[-1]["usage"]["completion_tokens"] >= 1
