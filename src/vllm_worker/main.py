@@ -83,14 +83,19 @@ def _serve(settings: Settings) -> int:
     engine = start_engine(settings)
     if engine is None:
         return 1
-    runpod.serverless.start(
-        {
-            "handler": make_handler(engine, settings),
-            "return_aggregate_stream": True,
-            # Many jobs at once: vLLM batches them on the GPU.
-            "concurrency_modifier": lambda _current: settings.max_concurrency,
-        }
-    )
+    try:
+        runpod.serverless.start(
+            {
+                "handler": make_handler(engine, settings),
+                "return_aggregate_stream": True,
+                # Many jobs at once: vLLM batches them on the GPU.
+                "concurrency_modifier": lambda _current: settings.max_concurrency,
+            }
+        )
+    finally:
+        # The SDK returns after SIGTERM once in-flight jobs are posted: stop the engine's
+        # processes cleanly instead of leaving them to interpreter teardown.
+        engine.shutdown()
     return 0
 
 

@@ -1,0 +1,441 @@
+"""End to end: the worker under the runpod SDK's real production job loop and real vLLM.
+
+The worker runs as RunPod runs it (``python -u src/handler.py`` with ``RUNPOD_WEBHOOK_*``
+set), its SDK talks to a stand-in control plane on loopback (``platform_standin``), and
+its engine is vLLM's CPU build serving the project's tiny model. Nothing is mocked: what
+these tests see is what RunPod would receive.
+
+The worker starts once for the module (its engine takes 30-45 s to start here), from
+the `worker_env` and `tiny_model_dir` fixtures of `tests/conftest.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .platform_standin import JobRecord, PlatformStandIn
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parents[2]
+HANDLER = REPO / "src" / "handler.py"
+SEED_INPUT = REPO / "test_input.json"
+
+ENGINE_START_TIMEOUT_S = 180.0  # until the worker polls for its first job
+JOB_TIMEOUT_S = 90.0  # per batch of jobs once the worker is up (another engine may run)
+STOP_TIMEOUT_S = 30.0  # SIGTERM -> exit, before SIGKILL
+MAX_CONCURRENCY = 8
+
+
+# --- the worker process ---------------------------------------------------------------
+
+
+class WorkerProcess:
+    """``python -u src/handler.py`` in its own process group, its output in a file."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
+        self.env = env
+        self.cwd = cwd
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-u", str(HANDLER)],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own process group: vLLM's EngineCore and Worker processes are killed
+                # with it and never outlive the test.
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"the worker exited with code {self.proc.returncode}; its log ends with:\n"
+                + self.log_tail()
+            )
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as error:
+            return f"(no worker log: {error})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> tuple[int | None, list[str]]:
+        """SIGTERM, then SIGKILL; kill what is left of its process group.
+
+        Returns the exit code and the group members still alive right after the main
+        process exited (vLLM's engine processes that it did not shut down).
+        """
+        if self.proc is None:
+            return None, []
+        pgid = self.proc.pid  # start_new_session: the group is named after the leader
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        left_behind = _group_members(pgid)
+        for sig, grace_s in ((None, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+            deadline = time.monotonic() + grace_s
+            while _group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _group_members(pgid):
+                break
+        return self.proc.returncode, left_behind
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group: ``"<pid> <command line>"``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+            members.append(f"{entry.name} {command[:100]}")
+    return members
+
+
+def _production_env(base: dict[str, str], platform: PlatformStandIn, home: Path) -> dict[str, str]:
+    """``base`` (the tiny model, loopback only) plus the RunPod production loop's variables."""
+    env = {name: value for name, value in base.items() if not name.startswith("RUNPOD_")}
+    env.update(platform.worker_env())
+    env.update(
+        {
+            # Loopback only: no 8.8.8.8 probe, no GPU probe, no usage stats, no hub.
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+            "RUNPOD_PING_INTERVAL": "3600000",  # ms: one ping at start, then quiet
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            # The SDK sends ~/.runpod/config.toml's api key instead of RUNPOD_AI_API_KEY.
+            "HOME": str(home),
+            "DTYPE": "float32",
+            "MAX_MODEL_LEN": "512",
+            "KV_CACHE_MEMORY_BYTES": str(128 * 2**20),
+            "ENFORCE_EAGER": "true",
+            "MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+            "LOG_LEVEL": "INFO",
+        }
+    )
+    return env
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def platform() -> Iterator[PlatformStandIn]:
+    with PlatformStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture(scope="module")
+def worker(
+    platform: PlatformStandIn,
+    worker_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerProcess]:
+    # An empty working directory: no test_input.json for the SDK (or the worker) to find.
+    workdir = tmp_path_factory.mktemp("worker")
+    env = _production_env(worker_env, platform, home=workdir)
+    process = WorkerProcess(env, workdir, workdir / "worker.log")
+    process.start()
+    try:
+        ready_at = platform.wait_for_take(ENGINE_START_TIMEOUT_S, check=process.check_alive)
+        print(f"worker ready (first job-take) {ready_at - process.started_at:.1f} s after start")
+        yield process
+    except BaseException:
+        print("worker log (tail):\n" + process.log_tail())
+        raise
+    finally:
+        returncode, left_behind = process.stop()
+        print(f"worker stopped: exit code {returncode}; left running: {left_behind or 'none'}")
+
+
+@pytest.fixture(autouse=True)
+def _worker_log_on_failure(request: pytest.FixtureRequest, worker: WorkerProcess) -> Iterator[None]:
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        print("worker log (tail):\n" + worker.log_tail())
+
+
+@pytest.fixture(scope="module")
+def count_prompt_tokens(tiny_model_dir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    return lambda text: len(tokenizer.encode(text).ids)  # with <s>, as the worker sends it
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def run_jobs(
+    platform: PlatformStandIn, worker: WorkerProcess, *jobs: dict[str, Any]
+) -> list[JobRecord]:
+    """Hand the jobs to the worker all at once; their records once all are done."""
+    ids = platform.enqueue(*jobs)
+    records = platform.wait_done(ids, JOB_TIMEOUT_S, check=worker.check_alive)
+    assert platform.problems == []
+    return [records[job_id] for job_id in ids]
+
+
+def seed_input(max_tokens: int = 64) -> dict[str, Any]:
+    """The seed request (test_input.json), shortened to ``max_tokens`` exact tokens."""
+    job_input = json.loads(SEED_INPUT.read_text())["input"]
+    job_input["sampling_params"].update(max_tokens=max_tokens, ignore_eos=True)
+    return job_input
+
+
+def assert_streamed_output(
+    record: JobRecord,
+    *,
+    prompt: str,
+    n: int,
+    max_tokens: int,
+    prompt_tokens: int,
+    mode: str = "cumulative",
+) -> list[str]:
+    """Check a finished job's stream and aggregate; return each sequence's full text."""
+    chunks = record.stream
+    assert chunks, "no chunk was streamed"
+    # return_aggregate_stream: job-done carries every streamed chunk, in order.
+    assert record.done == {"output": chunks}
+    assert record.done_is_stream == "true"
+    *partial, final = chunks
+    for chunk in partial:
+        assert set(chunk) == {"text"}
+    assert set(final) == {"text", "finish_reason", "usage"}
+
+    texts = [""] * n
+    for chunk in chunks:
+        assert isinstance(chunk["text"], list)
+        assert len(chunk["text"]) == n
+        assert all(isinstance(text, str) for text in chunk["text"])
+        for index, text in enumerate(chunk["text"]):
+            if mode == "cumulative":
+                assert text.startswith(texts[index]), "a cumulative chunk did not extend the last"
+                texts[index] = text
+            else:
+                texts[index] += text
+    for text in texts:
+        assert text.startswith(prompt)  # echo: the text starts with the prompt
+        assert len(text) > len(prompt)
+
+    assert final["finish_reason"] == ["length"] * n
+    assert final["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n * max_tokens,
+        "total_tokens": prompt_tokens + n * max_tokens,
+    }
+    return texts
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_seed_request_streams_chunks_and_aggregates_them(
+    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+) -> None:
+    job_input = seed_input(max_tokens=64)
+    (record,) = run_jobs(platform, worker, {"id": "seed-1", "input": job_input})
+
+    assert_streamed_output(
+        record,
+        prompt=job_input["prompt"],
+        n=1,
+        max_tokens=64,
+        prompt_tokens=count_prompt_tokens(job_input["prompt"]),
+    )
+    # The SDK posted each chunk as {"output": chunk}, then the aggregate, to the job's URLs.
+    assert record.stream_bodies == [{"output": chunk} for chunk in record.stream]
+    assert record.taken_at is not None
+    assert record.done_at is not None
+    assert all(record.taken_at <= at <= record.done_at for at in record.stream_times)
+    # The heartbeat process pinged once at start, with the worker's id and key.
+    platform.wait_until(lambda: bool(platform.pings), 30, what="a ping")
+    assert "runpod_version" in platform.pings[0]
+
+
+BAD_INPUTS = {
+    "out_of_range": (
+        {"prompt": "Hello there", "sampling_params": {"temperature": 5, "max_tokens": 4}},
+        "sampling_params.temperature",
+    ),
+    "unknown_key": ({"prompt": "Hello there", "max_token": 4}, "max_token"),
+    # A str seed passes vLLM's SamplingParams and wedges its engine core for good.
+    "wrong_type": (
+        {"prompt": "Hello there", "sampling_params": {"seed": "abc", "max_tokens": 4}},
+        "sampling_params.seed",
+    ),
+    "not_an_object": ("Hello there", "input"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_the_job_and_the_worker_keeps_serving(
+    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any, case: str
+) -> None:
+    bad_input, field = BAD_INPUTS[case]
+    (failed,) = run_jobs(platform, worker, {"id": f"bad-{case}", "input": bad_input})
+
+    assert failed.stream == []  # nothing was streamed for it
+    assert set(failed.done) == {"error"}
+    message = failed.done["error"]
+    assert isinstance(message, str)
+    assert message.startswith("invalid_input: ")
+    assert field in message
+    assert "\n" not in message
+    assert "Traceback" not in message
+
+    prompt = "The quick brown fox"
+    good_input = {"prompt": prompt, "sampling_params": {"max_tokens": 8, "ignore_eos": True}}
+    (good,) = run_jobs(platform, worker, {"id": f"after-{case}", "input": good_input})
+    assert_streamed_output(
+        good, prompt=prompt, n=1, max_tokens=8, prompt_tokens=count_prompt_tokens(prompt)
+    )
+
+
+def test_concurrent_jobs_with_n_and_stream_modes(
+    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+) -> None:
+    # (n, max_tokens, stream_mode); the last two differ only in stream_mode (same seed).
+    specs = [
+        (1, 8, "cumulative"),
+        (2, 16, "delta"),
+        (3, 24, "cumulative"),
+        (1, 40, "delta"),
+        (3, 40, "delta"),
+        (1, 12, "cumulative"),
+        (2, 32, "cumulative"),
+        (2, 32, "delta"),
+    ]
+    jobs = []
+    for number, (n, max_tokens, mode) in enumerate(specs):
+        prompt = f"Job {number}: the French Revolution changed Europe because"
+        if number >= 6:
+            prompt = "Twins: the French Revolution changed Europe because"
+        sampling = {"n": n, "max_tokens": max_tokens, "ignore_eos": True, "seed": 1000 + number}
+        if number >= 6:
+            sampling["seed"] = 7
+        job_input = {"prompt": prompt, "sampling_params": sampling, "stream_mode": mode}
+        jobs.append({"id": f"concurrent-{number}", "input": job_input})
+
+    records = run_jobs(platform, worker, *jobs)
+
+    texts = []
+    for record, (n, max_tokens, mode) in zip(records, specs, strict=True):
+        prompt = record.job["input"]["prompt"]
+        texts.append(
+            assert_streamed_output(
+                record,
+                prompt=prompt,
+                n=n,
+                max_tokens=max_tokens,
+                prompt_tokens=count_prompt_tokens(prompt),
+                mode=mode,
+            )
+        )
+    # Rebuilding a delta stream gives the text a cumulative stream gives.
+    assert texts[7] == texts[6]
+
+    # The SDK took several jobs per poll (job-take-batch: its concurrency is MAX_CONCURRENCY) ...
+    ids = {record.id for record in records}
+    takes = [take for take in platform.takes if ids & set(take.job_ids)]
+    assert any(take.batch and len(take.job_ids) > 1 for take in takes), takes
+    assert all(len(take.job_ids) <= take.batch_size <= MAX_CONCURRENCY for take in takes)
+    # ... held several at once (taken, not yet done) ...
+    in_flight = held = 0
+    for _at, kind, job_id in platform.events():
+        if job_id in ids and kind in {"take", "done"}:
+            in_flight += 1 if kind == "take" else -1
+            held = max(held, in_flight)
+    assert held >= 2
+    # ... and ran them at once: a job streamed while another one had not finished.
+    running = [(record.stream_times[0], record.done_at or 0.0) for record in records]
+    assert _peak_overlap(running) >= 2, platform.events()
+
+
+def _peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    current = peak = 0
+    for _at, step in points:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits(
+    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+) -> None:
+    """RunPod scales a worker down with SIGTERM: the job in flight must still be delivered.
+
+    Runs last: it stops the module's worker.
+    """
+    assert worker.proc is not None
+    prompt = "A long answer, please:"
+    job_input = {
+        "prompt": prompt,
+        "sampling_params": {"n": 3, "max_tokens": 480, "ignore_eos": True},
+    }
+    (job_id,) = platform.enqueue({"id": "at-sigterm", "input": job_input})
+    platform.wait_until(
+        lambda: bool(platform.record(job_id).stream),
+        JOB_TIMEOUT_S,
+        check=worker.check_alive,
+        what="the job's first chunk",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+
+    record = platform.wait_done([job_id], JOB_TIMEOUT_S)[job_id]
+    assert record.done_at is not None
+    assert record.done_at > signalled_at  # it really was in flight
+    assert_streamed_output(
+        record, prompt=prompt, n=3, max_tokens=480, prompt_tokens=count_prompt_tokens(prompt)
+    )
+    assert worker.proc.wait(STOP_TIMEOUT_S) == 0
+    print(f"worker exited {time.monotonic() - signalled_at:.1f} s after SIGTERM")
+    # No engine process outlived it (a moment's grace for children that are exiting).
+    deadline = time.monotonic() + 5
+    while _group_members(worker.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_members(worker.proc.pid) == []
+    assert platform.problems == []
