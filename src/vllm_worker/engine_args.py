@@ -22,7 +22,9 @@ def build_engine_args(settings: Settings) -> AsyncEngineArgs:
     return AsyncEngineArgs(
         model=settings.model_name,
         revision=settings.model_revision,
-        tokenizer=settings.tokenizer,
+        # None: vLLM uses the model's own path and revision (and finds it in a baked,
+        # offline cache; the name alone would be looked up at `main`).
+        tokenizer=settings.tokenizer_name,
         tokenizer_revision=settings.tokenizer_revision,
         trust_remote_code=settings.trust_remote_code,
         download_dir=settings.download_dir,

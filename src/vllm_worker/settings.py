@@ -78,10 +78,6 @@ class Settings(BaseModel):
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @property
-    def tokenizer(self) -> str:
-        return self.tokenizer_name or self.model_name
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build the settings from environment variables (``Settings.from_env(os.environ)``)."""

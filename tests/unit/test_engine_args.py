@@ -10,7 +10,7 @@ from vllm_worker.settings import Settings
 def test_defaults_map_to_llama2_engine_args() -> None:
     args = build_engine_args(Settings.from_env({}))
     assert args.model == "meta-llama/Llama-2-7b-chat-hf"
-    assert args.tokenizer == "meta-llama/Llama-2-7b-chat-hf"
+    assert args.tokenizer is None  # vLLM then loads the model's own tokenizer
     assert args.max_model_len == 4096
     assert args.trust_remote_code is False
     assert args.enable_prefix_caching is True

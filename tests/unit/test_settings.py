@@ -9,7 +9,7 @@ from vllm_worker.settings import Settings
 def test_defaults_serve_llama2_7b_chat() -> None:
     settings = Settings.from_env({})
     assert settings.model_name == "meta-llama/Llama-2-7b-chat-hf"
-    assert settings.tokenizer == "meta-llama/Llama-2-7b-chat-hf"
+    assert settings.tokenizer_name is None
     assert settings.max_model_len == 4096
     assert settings.default_max_tokens > 16  # vLLM's own 16 truncates every answer
     assert settings.trust_remote_code is False
@@ -34,7 +34,7 @@ def test_values_are_parsed_from_strings() -> None:
         }
     )
     assert settings.model_name == "/models/tiny"
-    assert settings.tokenizer == "/models/tok"
+    assert settings.tokenizer_name == "/models/tok"
     assert settings.max_model_len == 2048
     assert settings.gpu_memory_utilization == 0.5
     assert settings.enforce_eager is True
