@@ -1,0 +1,107 @@
+# syntax=docker/dockerfile:1
+#
+# RunPod serverless worker: vLLM 0.32 (CUDA build, from vLLM's own image) + this package
+# + the runpod SDK 1.12, serving Llama 2 7B Chat by default.
+#
+# Build arguments (all optional; empty means "not set"):
+#   MODEL_NAME          public Hub repo id to serve    default meta-llama/Llama-2-7b-chat-hf
+#   MODEL_REVISION      branch, tag or commit          default empty (= main)
+#   TOKENIZER_NAME      tokenizer repo id              default empty (= MODEL_NAME)
+#   TOKENIZER_REVISION  tokenizer revision             default empty (= MODEL_REVISION,
+#                                                      as vLLM does)
+#   QUANTIZATION        vLLM quantization, e.g. awq    default empty (= none)
+#   BAKE_MODEL          1: download the model into the image now and run offline;
+#                       0: the worker downloads it when it starts   default 1
+# All but BAKE_MODEL become the worker's ENV defaults (MODEL_NAME, MODEL_REVISION, ...);
+# the endpoint's environment variables override them at run time.
+#
+# Hugging Face token (gated models such as Llama 2): a BuildKit secret, mounted as a file
+# for the download step only; it is never in a layer, an ENV, a build argument or the
+# build log:
+#   docker buildx build --secret id=hf_token,env=HF_TOKEN -t you/vllm-worker:llama2 .
+#
+# A baked model lives in /models, a Hugging Face cache (HF_HUB_CACHE), with
+# /models/manifest.json describing it. MODEL_NAME stays the public repo id: with
+# HF_HUB_OFFLINE=1, vLLM finds the snapshot in the cache by that id itself.
+
+############################## wheel: this package ##############################
+# Built in its own stage so that the final image holds the installed package only, not a
+# source tree beside src/handler.py that would shadow it.
+FROM vllm/vllm-openai:v0.32.0 AS wheel
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY src/ src/
+RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+############################## the worker ##############################
+FROM vllm/vllm-openai:v0.32.0
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+
+# runpod 1.12 requires fastapi>=0.141.1 and vLLM 0.32 fastapi<0.137, which pip refuses to
+# resolve: runpod goes in without its requirements, then those requirements minus fastapi
+# (runpod only imports fastapi for its local dev server). Rarely changes: first layer.
+COPY requirements/runpod.txt requirements/runpod.txt
+RUN python3 -m pip install --no-cache-dir --no-deps runpod==1.12.0 \
+    && python3 -m pip install --no-cache-dir -r requirements/runpod.txt
+
+# The model (~13.5 GB for Llama 2 7B), before the package: editing the worker's code does
+# not download it again. HF_HOME points to a throw-away folder for the download's own
+# caches (xet chunks), removed in the same layer.
+COPY builder/download_model.py builder/download_model.py
+ARG MODEL_NAME=meta-llama/Llama-2-7b-chat-hf
+ARG MODEL_REVISION=""
+# DL3064 flags names containing "TOKEN": these are the tokenizer's repo and revision.
+# hadolint ignore=DL3064
+ARG TOKENIZER_NAME=""
+# hadolint ignore=DL3064
+ARG TOKENIZER_REVISION=""
+ARG BAKE_MODEL=1
+ENV HF_HUB_CACHE=/models
+RUN --mount=type=secret,id=hf_token,required=false \
+    case "${BAKE_MODEL}" in \
+        1) HF_HOME=/tmp/hf-build python3 builder/download_model.py \
+                --model "${MODEL_NAME}" \
+                --revision "${MODEL_REVISION}" \
+                --tokenizer "${TOKENIZER_NAME}" \
+                --tokenizer-revision "${TOKENIZER_REVISION:-${MODEL_REVISION}}" \
+                --dest /models \
+                --token-file /run/secrets/hf_token \
+            && rm -rf /tmp/hf-build ;; \
+        0) echo "BAKE_MODEL=0: the worker downloads ${MODEL_NAME} when it starts" ;; \
+        *) echo "BAKE_MODEL must be 1 or 0, not '${BAKE_MODEL}'" >&2 && exit 1 ;; \
+    esac
+
+# This package, not editable and without its requirements: pydantic, transformers,
+# huggingface_hub and tokenizers come with vLLM. Then check that nothing this worker needs
+# is missing or too old (runpod's fastapi requirement is the one known exception).
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
+    python3 -m pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+    && { python3 -m pip check | grep -E '^(vllm-worker|runpod) ' | grep -v fastapi \
+        > /tmp/broken-requirements || true; } \
+    && if [ -s /tmp/broken-requirements ]; then cat /tmp/broken-requirements >&2; exit 1; fi \
+    && rm -f /tmp/broken-requirements \
+    && python3 -c "import vllm_worker.settings, runpod"
+
+COPY src/handler.py /app/src/handler.py
+# `docker run IMAGE` without RunPod's variables runs this job once (local test mode).
+COPY test_input.json /app/test_input.json
+
+ARG QUANTIZATION=""
+# HF_HUB_OFFLINE is BAKE_MODEL (1 or 0, checked above): a baked image never calls the Hub.
+# hadolint ignore=DL3064
+ENV MODEL_NAME=${MODEL_NAME} \
+    MODEL_REVISION=${MODEL_REVISION} \
+    TOKENIZER_NAME=${TOKENIZER_NAME} \
+    TOKENIZER_REVISION=${TOKENIZER_REVISION:-${MODEL_REVISION}} \
+    QUANTIZATION=${QUANTIZATION} \
+    HF_HUB_OFFLINE=${BAKE_MODEL}
+
+# Replaces the base image's `vllm serve` entry point. Arguments given to `docker run`
+# go to the handler (e.g. --test_input '{"input": {...}}'); for a shell, use
+# `docker run --entrypoint bash`.
+ENTRYPOINT ["python3", "-u", "/app/src/handler.py"]
+CMD []

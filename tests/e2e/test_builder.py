@@ -1,0 +1,756 @@
+"""builder/download_model.py against a stand-in Hugging Face Hub on loopback.
+
+The stand-in implements what ``huggingface_hub.snapshot_download`` calls: model info
+(``/api/models/<repo>[/revision/<rev>]``: ``sha`` and ``siblings``), the file tree
+(``/api/models/<repo>/tree/<rev>``) and ``HEAD``/``GET /<repo>/resolve/<rev>/<file>``
+with ``X-Repo-Commit``, ``ETag`` and ``Content-Length``; errors carry the Hub's
+``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``GatedRepo``, ``EntryNotFound``).
+The builder runs as a subprocess, as in the Dockerfile, with ``HF_ENDPOINT`` pointing here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from helpers import REPO_ROOT, TINY_ENGINE_ENV
+
+BUILDER = REPO_ROOT / "builder" / "download_model.py"
+BUILDER_TIMEOUT_S = 120
+# The stand-in Hub shuts itself down after this long, even if a test hangs.
+SERVER_LIFETIME_S = 600
+
+TOKEN = "hf_test_SECRET_7c1f0e9a2b4d4f6e8a0c"
+OTHER_TOKEN = "hf_test_OTHER_0000000000000000"
+
+LLAMA = "meta-llama/Llama-2-7b-chat-hf"
+LLAMA_WEIGHTS = (
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+)
+LLAMA_KEPT = (
+    "config.json",
+    "generation_config.json",
+    *LLAMA_WEIGHTS,
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+)
+LLAMA_DROPPED = (
+    ".gitattributes",
+    "LICENSE.txt",
+    "README.md",
+    "Responsible-Use-Guide.pdf",
+    "USE_POLICY.md",
+    "pytorch_model-00001-of-00002.bin",
+    "pytorch_model-00002-of-00002.bin",
+    "pytorch_model.bin.index.json",
+    # Not in the index: a second copy of the weights (as Mistral repos have).
+    "consolidated.safetensors",
+    "original/consolidated.00.pth",
+    "original/params.json",
+    "original/tokenizer.model",
+)
+
+
+def _bytes(name: str) -> bytes:
+    return f"contents of {name}\n".encode()
+
+
+def _index(*shards: str) -> bytes:
+    weight_map = {f"layer.{i}.weight": shard for i, shard in enumerate(shards)}
+    return json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}).encode()
+
+
+# --- the stand-in Hub ---------------------------------------------------------------------
+
+
+@dataclass
+class FakeRepo:
+    files: dict[str, bytes]
+    refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit
+    accepted_token: str | None = None  # set: a gated repo that only this token may read
+    # A reply to model info that echoes the credential it got (a badly behaved proxy).
+    echo_auth_with_status: int | None = None
+
+    def __post_init__(self) -> None:
+        if "main" not in self.refs:
+            digest = hashlib.sha1(json.dumps(sorted(self.files)).encode()).hexdigest()
+            self.refs["main"] = digest
+
+    def commit(self, revision: str) -> str | None:
+        if revision in self.refs:
+            return self.refs[revision]
+        return revision if revision in self.refs.values() else None
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    authorization: str | None
+
+
+class FakeHub:
+    def __init__(self, repos: Mapping[str, FakeRepo]) -> None:
+        self.repos = dict(repos)
+        self.requests: list[Request] = []
+        self.url = ""
+
+    def resolved_files(self, repo_id: str) -> set[str]:
+        """The files of ``repo_id`` whose bytes were served (GET)."""
+        prefix = f"/{repo_id}/resolve/"
+        return {
+            unquote(r.path.split("?")[0])[len(prefix) :].split("/", 1)[1]
+            for r in self.requests
+            if r.method == "GET" and r.path.startswith(prefix)
+        }
+
+
+_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
+_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<dir>.+))?$")
+_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+def _etag(name: str, content: bytes) -> str:
+    """As the Hub: sha256 for LFS files (weights), the git blob sha1 for the others."""
+    if name.endswith((".safetensors", ".bin", ".pth", ".pt", ".model", ".pdf")):
+        return hashlib.sha256(content).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: the test output is the builder's
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def _serve(self, *, body: bool) -> None:
+            auth = self.headers.get("Authorization")
+            hub.requests.append(Request(self.command, self.path, auth))
+            path = urlsplit(self.path).path
+            for pattern, route in ((_TREE, self._tree), (_INFO, self._info)):
+                match = pattern.match(path)
+                if match and self.command == "GET":
+                    route(match, auth)
+                    return
+            match = _RESOLVE.match(path)
+            if match:
+                self._resolve(match, auth, body=body)
+                return
+            self._error(404, None, "Not Found", body=body)
+
+        def _repo(self, match: re.Match[str], body: bool = True) -> tuple[FakeRepo, str] | None:
+            repo_id = unquote(match["repo"])
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "RepoNotFound", "Repository not found", body=body)
+                return None
+            revision = unquote(match["rev"] or "main")
+            commit = repo.commit(revision)
+            if commit is None:
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body=body)
+                return None
+            return repo, commit
+
+        def _info(self, match: re.Match[str], auth: str | None) -> None:
+            found = self._repo(match)
+            if found is None:
+                return
+            repo, commit = found
+            blobs = "blobs=true" in (urlsplit(self.path).query or "").lower()
+            if repo.echo_auth_with_status is not None:
+                self._error(
+                    repo.echo_auth_with_status,
+                    None,
+                    f"credential {auth} refused for {match['repo']}",
+                    body=True,
+                )
+                return
+            self._json(
+                {
+                    "_id": "0" * 24,
+                    "id": unquote(match["repo"]),
+                    "modelId": unquote(match["repo"]),
+                    "sha": commit,
+                    "private": False,
+                    "gated": "manual" if repo.accepted_token else False,
+                    "disabled": False,
+                    "tags": [],
+                    "siblings": [
+                        {"rfilename": name, **({"size": len(content)} if blobs else {})}
+                        for name, content in sorted(repo.files.items())
+                    ],
+                }
+            )
+
+        def _tree(self, match: re.Match[str], auth: str | None) -> None:
+            found = self._repo(match)
+            if found is None:
+                return
+            repo, _ = found
+            entries: list[dict[str, Any]] = []
+            folders = sorted({name.rsplit("/", 1)[0] for name in repo.files if "/" in name})
+            entries += [{"type": "directory", "oid": "1" * 40, "path": f} for f in folders]
+            for name, content in sorted(repo.files.items()):
+                entry: dict[str, Any] = {
+                    "type": "file",
+                    "oid": hashlib.sha1(content).hexdigest(),
+                    "size": len(content),
+                    "path": name,
+                }
+                etag = _etag(name, content)
+                if len(etag) == 64:
+                    entry["lfs"] = {"oid": etag, "size": len(content), "pointerSize": 134}
+                entries.append(entry)
+            self._json(entries)
+
+        def _resolve(self, match: re.Match[str], auth: str | None, *, body: bool) -> None:
+            found = self._repo(match, body)
+            if found is None:
+                return
+            repo, commit = found
+            if repo.accepted_token is not None and auth != f"Bearer {repo.accepted_token}":
+                status = 401 if auth is None else 403
+                message = f"Access to model {match['repo']} is restricted."
+                self._error(status, "GatedRepo", message, body=body, commit=commit)
+                return
+            name = unquote(match["file"])
+            if name not in repo.files:
+                self._error(404, "EntryNotFound", f"{name} not found", body=body, commit=commit)
+                return
+            content = repo.files[name]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(content)))
+            self.send_header("ETag", f'"{_etag(name, content)}"')
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if body:
+                self.wfile.write(content)
+
+        def _json(self, data: Any) -> None:
+            payload = json.dumps(data).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _error(
+            self,
+            status: int,
+            code: str | None,
+            message: str,
+            *,
+            body: bool,
+            commit: str | None = None,
+        ) -> None:
+            payload = json.dumps({"error": message}).encode()
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", message)
+            if commit:
+                self.send_header("X-Repo-Commit", commit)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+
+    return Handler
+
+
+@contextmanager
+def serve_hub(repos: Mapping[str, FakeRepo]) -> Iterator[FakeHub]:
+    """A stand-in Hub on 127.0.0.1 for the duration of the block (at most SERVER_LIFETIME_S)."""
+    hub = FakeHub(repos)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(hub))
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    watchdog = threading.Timer(SERVER_LIFETIME_S, server.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield hub
+    finally:
+        watchdog.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+def llama_like_repo(accepted_token: str | None = None) -> FakeRepo:
+    files = {name: _bytes(name) for name in (*LLAMA_KEPT, *LLAMA_DROPPED)}
+    files["model.safetensors.index.json"] = _index(
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    )
+    files["pytorch_model.bin.index.json"] = _index(
+        "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
+    )
+    return FakeRepo(files, accepted_token=accepted_token)
+
+
+BIN_ONLY_KEPT = (
+    "added_tokens.json",
+    "chat_template.jinja",
+    "config.json",
+    "pytorch_model.bin",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+)
+BIN_ONLY_DROPPED = ("README.md", ".gitattributes", "training_args.bin", "onnx/model.onnx")
+
+PINNED_COMMIT = "a" * 40
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[FakeHub]:
+    repos = {
+        LLAMA: llama_like_repo(),
+        "meta-llama/Llama-2-7b-chat-gated": llama_like_repo(accepted_token=TOKEN),
+        "org/gated-for-others": llama_like_repo(accepted_token=OTHER_TOKEN),
+        "org/echoes-credentials": FakeRepo(
+            {name: _bytes(name) for name in LLAMA_KEPT}, echo_auth_with_status=403
+        ),
+        "org/bin-only": FakeRepo(
+            {name: _bytes(name) for name in (*BIN_ONLY_KEPT, *BIN_ONLY_DROPPED)},
+            refs={"main": "b" * 40, "v1.0": PINNED_COMMIT},
+        ),
+        "org/no-weights": FakeRepo({name: _bytes(name) for name in ("config.json", "README.md")}),
+        "org/tokenizer-only": FakeRepo(
+            {
+                name: _bytes(name)
+                for name in ("tokenizer.json", "tokenizer_config.json", "README.md", "x.bin")
+            }
+        ),
+    }
+    with serve_hub(repos) as running:
+        yield running
+
+
+def builder_env(hub_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment: loopback Hub, private HF_HOME, no proxy, no inherited token."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("HF_", "HUGGING", "RUNPOD_")) and "proxy" not in key.lower()
+    }
+    env.update(
+        {
+            "HF_ENDPOINT": hub_url,
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_ETAG_TIMEOUT": "10",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "HOME": str(tmp_path / "home"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_builder(
+    hub: FakeHub, tmp_path: Path, *args: str, token_file: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    token_args = ["--token-file", str(token_file or tmp_path / "no-such-secret")]
+    hub.requests.clear()  # hub.requests: this run's requests only
+    return subprocess.run(
+        [sys.executable, str(BUILDER), *args, "--dest", str(tmp_path / "models"), *token_args],
+        env=builder_env(hub.url, tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=BUILDER_TIMEOUT_S,
+        check=False,
+    )
+
+
+def secret_file(tmp_path: Path, token: str = TOKEN) -> Path:
+    path = tmp_path / "hf_token"
+    path.write_text(token + "\n")  # as `echo $HF_TOKEN > file` leaves it
+    return path
+
+
+def read_manifest(tmp_path: Path) -> dict[str, Any]:
+    return dict(json.loads((tmp_path / "models" / "manifest.json").read_text()))
+
+
+def snapshot_files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], *fragments: str, only_line: bool = True
+) -> str:
+    """Exit status 1 and one error line on stderr (the last one, with debug logs on)."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if only_line:
+        assert len(lines) == 1, result.stderr
+    line = lines[-1]
+    assert line.startswith("download_model: error: "), line
+    for fragment in fragments:
+        assert fragment in line
+    return line
+
+
+def load_builder() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("download_model", BUILDER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- what gets downloaded ------------------------------------------------------------------
+
+
+def test_a_repo_with_safetensors_and_bin_gets_only_the_safetensors(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    result = run_builder(hub, tmp_path, "--model", LLAMA)
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path)
+    assert snapshot_files(Path(manifest["path"])) == set(LLAMA_KEPT)
+    assert hub.resolved_files(LLAMA) >= set(LLAMA_KEPT)
+    assert not hub.resolved_files(LLAMA) & set(LLAMA_DROPPED)
+    # The files are the Hub's bytes.
+    assert (Path(manifest["path"]) / "config.json").read_bytes() == _bytes("config.json")
+    # One line on stdout says where it all went.
+    assert str(tmp_path / "models") in result.stdout
+    assert manifest["path"] in result.stdout
+
+
+def test_a_repo_with_only_bin_weights_gets_the_bin_weights(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", "org/bin-only")
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path)
+    assert snapshot_files(Path(manifest["path"])) == set(BIN_ONLY_KEPT)
+    assert manifest["files"] == sorted(BIN_ONLY_KEPT)
+    assert manifest["weight_format"] == "pytorch"
+
+
+def test_the_manifest_names_the_public_repo_the_commit_and_the_files(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    result = run_builder(hub, tmp_path, "--model", LLAMA)
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path)
+    commit = hub.repos[LLAMA].refs["main"]
+    cache = (tmp_path / "models").resolve()
+    snapshot = cache / "models--meta-llama--Llama-2-7b-chat-hf" / "snapshots" / commit
+    assert manifest["model_name"] == LLAMA
+    assert manifest["revision"] == commit
+    assert manifest["requested_revision"] == "main"
+    assert manifest["path"] == str(snapshot)
+    assert manifest["tokenizer_name"] == LLAMA
+    assert manifest["tokenizer_path"] == str(snapshot)
+    assert manifest["files"] == sorted(LLAMA_KEPT)
+    assert manifest["weight_format"] == "safetensors"
+    assert manifest["hf_hub_cache"] == str(cache)
+    assert manifest["total_bytes"] == sum((snapshot / f).stat().st_size for f in LLAMA_KEPT)
+    # The cache records main -> commit: how an offline worker finds the snapshot.
+    ref = cache / "models--meta-llama--Llama-2-7b-chat-hf" / "refs" / "main"
+    assert ref.read_text() == commit
+    assert not (cache / ".locks").exists()
+
+
+def test_a_tag_is_downloaded_at_its_commit_and_recorded(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", "org/bin-only", "--revision", "v1.0")
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path)
+    assert manifest["revision"] == PINNED_COMMIT
+    assert manifest["requested_revision"] == "v1.0"
+    assert Path(manifest["path"]).name == PINNED_COMMIT
+    refs = tmp_path / "models" / "models--org--bin-only" / "refs"
+    assert (refs / "v1.0").read_text() == PINNED_COMMIT
+
+
+def test_a_separate_tokenizer_repo_gets_only_its_tokenizer_files(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    result = run_builder(
+        hub, tmp_path, "--model", "org/bin-only", "--tokenizer", "org/tokenizer-only"
+    )
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path)
+    assert manifest["tokenizer_name"] == "org/tokenizer-only"
+    assert manifest["tokenizer_revision"] == hub.repos["org/tokenizer-only"].refs["main"]
+    assert snapshot_files(Path(manifest["tokenizer_path"])) == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_a_snapshot_baked_here_is_found_offline_under_its_public_name(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """What vLLM does with HF_HUB_OFFLINE=1 (``repo_utils.get_model_path``), no Hub running."""
+    assert run_builder(hub, tmp_path, "--model", LLAMA).returncode == 0
+    lookup = (
+        "import sys, huggingface_hub as h; print(h.snapshot_download("
+        "sys.argv[1], revision=None, local_files_only=True, ignore_patterns='*'))"
+    )
+    env = builder_env(
+        "http://127.0.0.1:9",  # nothing listens there: any request would fail
+        tmp_path,
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(tmp_path / "models"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", lookup, LLAMA],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BUILDER_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == read_manifest(tmp_path)["path"]
+
+
+# --- failures: one line, non-zero ----------------------------------------------------------
+
+
+def test_a_missing_repo_fails_with_one_line(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", "org/does-not-exist")
+
+    assert_one_line_error(result, "org/does-not-exist", "not found")
+    assert not (tmp_path / "models" / "manifest.json").exists()
+
+
+def test_a_missing_revision_fails_with_one_line(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", LLAMA, "--revision", "no-such-branch")
+
+    assert_one_line_error(result, LLAMA, "no-such-branch", "not found")
+
+
+def test_a_gated_repo_without_a_token_fails_with_one_line(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", "meta-llama/Llama-2-7b-chat-gated")
+
+    assert_one_line_error(result, "meta-llama/Llama-2-7b-chat-gated", "gated", "hf_token")
+
+
+def test_a_repo_without_weights_fails_with_one_line(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path, "--model", "org/no-weights")
+
+    assert_one_line_error(result, "org/no-weights", "weights")
+
+
+def test_bad_arguments_exit_2(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(hub, tmp_path)  # no --model
+
+    assert result.returncode == 2
+    assert "--model" in result.stderr
+
+
+# --- the token -----------------------------------------------------------------------------
+
+
+def test_the_token_file_is_used_and_never_printed(hub: FakeHub, tmp_path: Path) -> None:
+    # HF_DEBUG and debug verbosity: every request and its headers are logged.
+    result = run_builder(
+        hub,
+        tmp_path,
+        "--model",
+        "meta-llama/Llama-2-7b-chat-gated",
+        token_file=secret_file(tmp_path),
+        HF_DEBUG="1",
+        HF_HUB_VERBOSITY="debug",
+    )
+
+    assert result.returncode == 0, result.stderr
+    gated = [r for r in hub.requests if "Llama-2-7b-chat-gated/resolve" in r.path]
+    assert gated and all(r.authorization == f"Bearer {TOKEN}" for r in gated)
+    assert TOKEN not in result.stdout + result.stderr
+    assert "SECRET" not in result.stdout + result.stderr
+    assert TOKEN not in json.dumps(read_manifest(tmp_path))
+
+
+def test_hf_token_is_used_when_there_is_no_token_file(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(
+        hub, tmp_path, "--model", "meta-llama/Llama-2-7b-chat-gated", HF_TOKEN=TOKEN
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_the_token_is_not_printed_when_access_is_refused(hub: FakeHub, tmp_path: Path) -> None:
+    result = run_builder(
+        hub,
+        tmp_path,
+        "--model",
+        "org/gated-for-others",
+        token_file=secret_file(tmp_path),
+        HF_DEBUG="1",
+        HF_HUB_VERBOSITY="debug",
+    )
+
+    assert_one_line_error(result, "org/gated-for-others", "gated", "no access", only_line=False)
+    assert any(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+    assert "SECRET" not in result.stdout + result.stderr
+
+
+def test_the_token_is_masked_when_an_error_message_echoes_it(hub: FakeHub, tmp_path: Path) -> None:
+    """A server (or proxy) that puts the credential in its error reply."""
+    result = run_builder(
+        hub, tmp_path, "--model", "org/echoes-credentials", token_file=secret_file(tmp_path)
+    )
+
+    line = assert_one_line_error(result, "org/echoes-credentials", "HTTP 403")
+    assert "credential Bearer ***" in line  # the echo is there, masked
+    assert "SECRET" not in result.stdout + result.stderr
+
+
+# --- the selection rules, directly ---------------------------------------------------------
+
+
+def test_select_files_rules() -> None:
+    builder = load_builder()
+    files, weight_format = builder.select_files(
+        [
+            "config.json",
+            "model.safetensors",
+            "pytorch_model.bin",
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "chat_template.json",
+            "sub/model.safetensors",
+        ]
+    )
+    assert weight_format == "safetensors"
+    # vocab.json/merges.txt are redundant beside a tokenizer.json.
+    assert files == ["chat_template.json", "config.json", "model.safetensors", "tokenizer.json"]
+
+    files, weight_format = builder.select_files(
+        ["config.json", "model.pt", "training_args.bin", "vocab.json", "merges.txt"]
+    )
+    assert weight_format == "pytorch"
+    assert files == ["config.json", "merges.txt", "model.pt", "vocab.json"]
+
+    files, _ = builder.select_files(
+        ["config.json", "a.safetensors", "b.safetensors", "consolidated.safetensors"],
+        weight_map={"x": "a.safetensors", "y": "b.safetensors"},
+    )
+    assert files == ["a.safetensors", "b.safetensors", "config.json"]
+
+    with pytest.raises(builder.BuildError, match=r"config\.json"):
+        builder.select_files(["model.safetensors"])
+
+
+def test_exact_patterns_match_only_their_file() -> None:
+    from fnmatch import fnmatch
+
+    builder = load_builder()
+    pattern = builder.as_exact_pattern("weird[1]*?.bin")
+    assert fnmatch("weird[1]*?.bin", pattern)
+    assert not fnmatch("weird1xx.bin", pattern)
+
+
+def test_the_redacting_stream_masks_every_occurrence() -> None:
+    import io
+
+    builder = load_builder()
+    sink = io.StringIO()
+    stream = builder.RedactingStream(sink, [TOKEN])
+    stream.write(f"a {TOKEN} b {TOKEN}\n")
+    assert sink.getvalue() == "a *** b ***\n"
+
+
+# --- end to end: baked snapshot -> worker, offline -----------------------------------------
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("pinned", [False, True], ids=["main", "pinned-commit"])
+def test_the_worker_serves_a_baked_model_offline_by_its_public_name(
+    pinned: bool, tiny_model_dir: Path, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Bake the tiny model from the stand-in Hub, stop the Hub, then run one job as the
+    image does: MODEL_NAME=<public repo id>, HF_HUB_OFFLINE=1, HF_HUB_CACHE=<dest>, and
+    for a pinned build MODEL_REVISION and TOKENIZER_REVISION (the Dockerfile's ENV)."""
+    repo_id = "tiny-org/tiny-llama-chat"
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    files["README.md"] = b"# tiny\n"
+    repo = FakeRepo(files)
+    revision = repo.refs["main"] if pinned else ""
+    with serve_hub({repo_id: repo}) as stand_in:
+        baked = run_builder(stand_in, tmp_path, "--model", repo_id, "--revision", revision)
+    assert baked.returncode == 0, baked.stderr
+    assert "README.md" not in read_manifest(tmp_path)["files"]
+
+    env = {k: v for k, v in worker_env.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(TINY_ENGINE_ENV)
+    env.update(
+        {
+            "MODEL_NAME": repo_id,
+            "MODEL_REVISION": revision,
+            "TOKENIZER_REVISION": revision,
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": str(tmp_path / "models"),
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens: no request may succeed
+        }
+    )
+    request = {"input": {"prompt": "Tell me a story", "sampling_params": {"max_tokens": 8}}}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "src" / "handler.py"),
+            "--test_input",
+            json.dumps(request),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Job result: " in result.stdout
+    # vLLM itself swapped the repo id for the baked snapshot.
+    assert f"replace model_id [{repo_id}]" in result.stdout + result.stderr
