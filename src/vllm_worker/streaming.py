@@ -38,7 +38,6 @@ class ChunkBuilder:
         self._sequences = [_Sequence(text=start) for _ in range(n)]
         self._mode = mode
         self.prompt_tokens = 0
-        self.pending = False  # updates not yet rendered into a chunk
 
     def add(self, update: EngineUpdate) -> None:
         self.prompt_tokens = update.prompt_tokens
@@ -49,7 +48,6 @@ class ChunkBuilder:
             sequence.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
                 sequence.finish_reason = delta.finish_reason
-        self.pending = True
 
     @property
     def completion_tokens(self) -> int:
@@ -57,7 +55,6 @@ class ChunkBuilder:
 
     def chunk(self) -> Chunk:
         """A streamed chunk with what has arrived since the previous chunk."""
-        self.pending = False
         return {"text": self._texts()}
 
     def final_chunk(self, *, with_logprobs: bool) -> Chunk:

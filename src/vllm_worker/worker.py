@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,8 @@ async def _run(
     prompt_token_ids = engine.tokenize(job_input.prompt)
     max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
     request = GenerationRequest(
-        request_id=job_id,
+        # Unique even when a job id comes twice (a retried job): vLLM keys requests by id.
+        request_id=f"{job_id}-{uuid.uuid4().hex[:8]}",
         prompt_token_ids=prompt_token_ids,
         sampling=job_input.sampling_params,
         max_tokens=max_tokens,
