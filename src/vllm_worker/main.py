@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from vllm_worker import model_source
 from vllm_worker.errors import SettingsError
 from vllm_worker.settings import Settings
 
@@ -51,6 +52,13 @@ def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
         print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
         return 2
     _configure_logging(settings)
+    try:
+        # Which model from where (baked into the image, a network volume), before vLLM
+        # starts: a model that an offline image does not hold stops here, in one line.
+        settings = model_source.prepare(settings)
+    except SettingsError as error:
+        print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
+        return 2
     mode = choose_mode(argv, settings)
     if mode is RunMode.LOCAL_TEST:
         from vllm_worker import local_run

@@ -22,6 +22,9 @@ Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
+_HF_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+_HF_FALSE = frozenset({"0", "OFF", "NO", "FALSE"})
+
 
 class Settings(BaseModel):
     """All settings; see the README's settings table for what each one does."""
@@ -61,6 +64,19 @@ class Settings(BaseModel):
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     log_level: LogLevel = "INFO"
 
+    # --- where the model comes from (model_source.py) ------------------------------
+    # Hugging Face's own variables, read here so that the worker knows what the
+    # libraries will do: the cache a baked image holds its model in, and offline mode.
+    hf_hub_cache: str | None = None
+    hf_home: str | None = None
+    hf_hub_offline: bool | None = None
+    transformers_offline: bool | None = None  # huggingface_hub's fallback for the above
+    # The baked model's manifest (builder/download_model.py); default
+    # $HF_HUB_CACHE/manifest.json.
+    model_manifest: str | None = None
+    # Where RunPod mounts a network volume.
+    runpod_volume_path: str = Field("/runpod-volume", min_length=1)
+
     # --- read from RunPod's own variables, to pick the run mode --------------------
     runpod_webhook_get_job: str | None = None
     runpod_realtime_port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -72,6 +88,25 @@ class Settings(BaseModel):
     @classmethod
     def _upper_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("hf_hub_offline", "transformers_offline", mode="before")
+    @classmethod
+    def _hf_boolean(cls, value: object) -> object:
+        # huggingface_hub's own reading: 1/ON/YES/TRUE are true, anything else false.
+        # Values it would silently take as false (a typo such as "ture") are refused.
+        if isinstance(value, str):
+            if value.upper() in _HF_TRUE:
+                return True
+            if value.upper() in _HF_FALSE:
+                return False
+            raise ValueError("1, 0, true, false, yes, no, on or off")
+        return value
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _no_quantization(cls, value: object) -> object:
+        # "none" (the RunPod Hub form's choice for no quantization) means unset.
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
     @field_validator("dtype", mode="before")
     @classmethod
