@@ -8,12 +8,12 @@ Decided once at start-up, before the engine starts (``main`` calls ``prepare``):
   (``HF_HUB_OFFLINE=1``, as a baked image sets it) a ``MODEL_NAME`` / ``MODEL_REVISION``
   / ``TOKENIZER_NAME`` that the image does not hold cannot load: start-up stops with one
   line that says so and what to do, instead of vLLM's traceback.
-- Without a baked model, when a RunPod network volume is mounted (``RUNPOD_VOLUME_PATH``,
-  default ``/runpod-volume``) and no cache was chosen (``DOWNLOAD_DIR``, ``HF_HOME``), the
-  weights are downloaded to ``<volume>/huggingface-cache/hub`` (vLLM's ``download_dir``),
-  where they survive the worker and are shared by the endpoint's workers. ``HF_HUB_CACHE``
-  does not count as a choice here: the image sets it (``/models``) whether or not it
-  baked a model.
+- When the baked model is not served (no baked model, or another one, online), a RunPod
+  network volume is mounted (``RUNPOD_VOLUME_PATH``, default ``/runpod-volume``) and no
+  cache was chosen (``DOWNLOAD_DIR``, ``HF_HOME``), the weights are downloaded to
+  ``<volume>/huggingface-cache/hub`` (vLLM's ``download_dir``), where they outlive the
+  worker and are shared by the endpoint's workers. ``HF_HUB_CACHE`` does not count as a
+  choice here: the image sets it (``/models``) whether or not it baked a model.
 
 Everything here is a function of the settings and of the files it is pointed at; nothing
 imports vLLM or reads the environment.
@@ -154,17 +154,26 @@ def offline_mismatch(
     return None
 
 
+def serves_baked_model(settings: Settings, baked: BakedModel | None) -> bool:
+    """Whether the settings ask for the model (and revision) that the image holds."""
+    return (
+        baked is not None
+        and settings.model_name == baked.model_name
+        and baked.holds_revision(settings.model_revision)
+    )
+
+
 def download_dir(
     settings: Settings, baked: BakedModel | None, *, volume_mounted: bool
 ) -> str | None:
     """The folder vLLM downloads weights to (``download_dir``); None: the HF cache.
 
-    ``DOWNLOAD_DIR`` when set; otherwise, with no baked model and no ``HF_HOME``, the
-    network volume's cache when a volume is mounted.
+    ``DOWNLOAD_DIR`` when set; otherwise, unless the baked model is served or ``HF_HOME``
+    is set, the network volume's cache when a volume is mounted.
     """
     if settings.download_dir:
         return settings.download_dir
-    if baked is not None or settings.hf_home or not volume_mounted:
+    if serves_baked_model(settings, baked) or settings.hf_home or not volume_mounted:
         return None
     return str(Path(settings.runpod_volume_path) / VOLUME_CACHE)
 
@@ -172,7 +181,7 @@ def download_dir(
 def describe(settings: Settings, baked: BakedModel | None, weights_dir: str | None) -> str:
     """One line for the log: which model, from where, online or offline."""
     mode = "offline" if is_offline(settings) else "online"
-    if baked is not None and settings.model_name == baked.model_name:
+    if baked is not None and serves_baked_model(settings, baked):
         size = f", {baked.total_bytes / 1e9:.2f} GB" if baked.total_bytes is not None else ""
         return (
             f"model: {baked.model_name} at {baked.revision}, baked into the image "
@@ -180,6 +189,8 @@ def describe(settings: Settings, baked: BakedModel | None, weights_dir: str | No
         )
     if baked is not None:
         where = f"not the model baked into the image ({baked.model_name} at {baked.revision})"
+        if weights_dir is not None:
+            where += f"; weights in {weights_dir}"
     elif weights_dir is None:
         where = f"weights from the Hugging Face cache ({settings.hf_hub_cache or 'default'})"
     elif weights_dir == settings.download_dir:

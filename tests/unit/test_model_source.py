@@ -352,6 +352,21 @@ def test_a_baked_model_wins_over_the_volume(volume: Path, baked_cache: Path) -> 
     assert prepare(settings).download_dir is None
 
 
+def test_another_model_than_the_baked_one_is_downloaded_to_the_volume(
+    volume: Path, baked_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(baked_cache, str(volume), MODEL_NAME="org/other", HF_HUB_OFFLINE="0")
+
+    with caplog.at_level(logging.INFO, logger="vllm_worker"):
+        prepared = prepare(settings)
+
+    expected = str(volume / "huggingface-cache" / "hub")
+    assert prepared.download_dir == expected
+    assert f"not the model baked into the image ({LLAMA} at {COMMIT}); weights in {expected}" in (
+        caplog.text
+    )
+
+
 def test_without_a_volume_the_download_dir_is_left_alone(no_volume: str) -> None:
     assert prepare(settings_for(None, no_volume)).download_dir is None
     kept = prepare(settings_for(None, no_volume, DOWNLOAD_DIR="/data/weights"))
