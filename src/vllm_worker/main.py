@@ -48,11 +48,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
     """The worker's entry point; returns the process exit code."""
     try:
         settings = Settings.from_env(environ)
-    except SettingsError as error:
-        print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
-        return 2
-    _configure_logging(settings)
-    try:
+        _configure_logging(settings)
         # Which model from where (baked into the image, a network volume), before vLLM
         # starts: a model that an offline image does not hold stops here, in one line.
         settings = model_source.prepare(settings)
