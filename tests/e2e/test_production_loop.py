@@ -1,9 +1,11 @@
 """End to end: the worker under the runpod SDK's real production job loop and real vLLM.
 
 The worker runs as RunPod runs it (``python -u src/handler.py`` with ``RUNPOD_WEBHOOK_*``
-set), its SDK talks to a stand-in control plane on loopback (``platform_standin``), and
-its engine is vLLM's CPU build serving the project's tiny model. Nothing is mocked: what
-these tests see is what RunPod would receive.
+set), its SDK talks to the worker-facing job API of the product's local endpoint
+(``vllm_worker.local_endpoint``, in a thread of the test process, on loopback), and its
+engine is vLLM's CPU build serving the project's tiny model. Nothing is mocked: what
+these tests see is what RunPod would receive. Jobs are put into the endpoint's store
+directly and read back from it, so these tests see every post the worker made.
 
 The worker starts once for the module (its engine takes 30-45 s to start here), from
 the `worker_env` and `tiny_model_dir` fixtures of `tests/conftest.py`.
@@ -11,19 +13,22 @@ the `worker_env` and `tiny_model_dir` fixtures of `tests/conftest.py`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .platform_standin import JobRecord, PlatformStandIn
+from vllm_worker.local_endpoint import EndpointConfig, JobStore, ThreadedEndpoint
+from vllm_worker.local_endpoint.jobs import Job, TakeRecord
 
 pytestmark = pytest.mark.engine
 
@@ -35,6 +40,154 @@ ENGINE_START_TIMEOUT_S = 180.0  # until the worker polls for its first job
 JOB_TIMEOUT_S = 90.0  # per batch of jobs once the worker is up (another engine may run)
 STOP_TIMEOUT_S = 30.0  # SIGTERM -> exit, before SIGKILL
 MAX_CONCURRENCY = 8
+ENDPOINT_ID = "test-endpoint"
+WORKER_ID = "test-worker"
+
+
+# --- the platform: the local endpoint's job API, seen through its store ----------------
+
+
+@dataclass
+class JobRecord:
+    """Everything the worker did for one job, as the platform saw it."""
+
+    id: str
+    input: Any
+    status: str
+    taken_at: float | None
+    taken_by_batch: bool | None
+    stream: list[Any]  # each job-stream post's "output", in order
+    stream_times: list[float]
+    done: Any  # the job-done post's body
+    done_at: float | None
+    done_is_stream: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobRecord:
+        return cls(
+            id=job.id,
+            input=copy.deepcopy(job.input),
+            status=job.status.value,
+            taken_at=job.started_at,
+            taken_by_batch=job.taken_by_batch,
+            stream=[copy.deepcopy(entry.output) for entry in job.stream],
+            stream_times=[entry.at for entry in job.stream],
+            done=copy.deepcopy(job.done_body),
+            done_at=job.finished_at,
+            done_is_stream=job.done_is_stream,
+        )
+
+
+class Platform:
+    """Test helpers over the endpoint's store (which lives on the endpoint's thread)."""
+
+    def __init__(self, endpoint: ThreadedEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def _call(self, fn: Callable[[JobStore], Any]) -> Any:
+        return self.endpoint.call(fn)
+
+    def worker_env(self) -> dict[str, str]:
+        return self.endpoint.worker_env(WORKER_ID)
+
+    def enqueue(self, *jobs: dict[str, Any]) -> list[str]:
+        """Queue jobs ``{"id": ..., "input": ...}``; all become visible to the worker at once."""
+
+        def submit(store: JobStore) -> list[str]:
+            return [store.submit(job["input"], job_id=job["id"]).id for job in jobs]
+
+        ids: list[str] = self._call(submit)
+        return ids
+
+    def record(self, job_id: str) -> JobRecord:
+        def snapshot(store: JobStore) -> JobRecord:
+            job = store.get(job_id)
+            assert job is not None, job_id
+            return JobRecord.of(job)
+
+        record: JobRecord = self._call(snapshot)
+        return record
+
+    @property
+    def takes(self) -> list[TakeRecord]:
+        return list(self._call(lambda store: copy.deepcopy(list(store.takes))))
+
+    @property
+    def pings(self) -> list[dict[str, str]]:
+        return list(self._call(lambda store: copy.deepcopy(list(store.pings))))
+
+    @property
+    def problems(self) -> list[str]:
+        """Protocol breaches seen so far (wrong worker id or token, bad bodies, ...)."""
+        return list(self._call(lambda store: list(store.problems)))
+
+    def wait_until(
+        self,
+        predicate: Callable[[], bool],
+        timeout_s: float,
+        *,
+        check: Callable[[], None] | None = None,
+        what: str = "the condition",
+    ) -> None:
+        """Poll ``predicate()`` every 50 ms; ``check()`` may raise (e.g. the worker died)."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            if check is not None:
+                check()
+            time.sleep(0.05)
+
+    def wait_done(
+        self,
+        job_ids: Iterable[str],
+        timeout_s: float,
+        *,
+        check: Callable[[], None] | None = None,
+    ) -> dict[str, JobRecord]:
+        """Wait until every job ended; snapshots of their records."""
+        ids = list(job_ids)
+
+        def pending() -> list[str]:
+            return list(
+                self._call(
+                    lambda store: [i for i in ids if not store.get(i).status.final]  # type: ignore[union-attr]
+                )
+            )
+
+        try:
+            self.wait_until(lambda: not pending(), timeout_s, check=check, what="job-done")
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}; jobs still not done: {pending()}") from None
+        return {job_id: self.record(job_id) for job_id in ids}
+
+    def wait_for_take(self, timeout_s: float, *, check: Callable[[], None] | None = None) -> float:
+        """Wait for the worker's first job-take poll (it polls once it is ready to serve)."""
+        first: list[float] = []
+
+        def taken() -> bool:
+            first[:] = self._call(
+                lambda store: [store.workers[w].first_seen for w in store.workers]
+            )
+            return bool(first)
+
+        self.wait_until(taken, timeout_s, check=check, what="the worker's first job-take")
+        return first[0]
+
+    def events(self) -> list[tuple[float, str, str]]:
+        """``(time, "take" | "stream" | "done", job id)`` for every job, in time order."""
+
+        def collect(store: JobStore) -> list[tuple[float, str, str]]:
+            events = []
+            for job in store.jobs():
+                if job.started_at is not None:
+                    events.append((job.started_at, "take", job.id))
+                events.extend((entry.at, "stream", job.id) for entry in job.stream)
+                if job.finished_at is not None:
+                    events.append((job.finished_at, "done", job.id))
+            return sorted(events)
+
+        return list(self._call(collect))
 
 
 # --- the worker process ---------------------------------------------------------------
@@ -129,22 +282,20 @@ def _group_members(pgid: int) -> list[str]:
     return members
 
 
-def _production_env(base: dict[str, str], platform: PlatformStandIn, home: Path) -> dict[str, str]:
+def _production_env(base: dict[str, str], platform: Platform) -> dict[str, str]:
     """``base`` (the tiny model, loopback only) plus the RunPod production loop's variables."""
     env = {name: value for name, value in base.items() if not name.startswith("RUNPOD_")}
+    # The job URLs, the worker id and token; the SDK's outside checks turned off.
     env.update(platform.worker_env())
+    assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == env["RUNPOD_SKIP_GPU_CHECK"] == "true"
     env.update(
         {
-            # Loopback only: no 8.8.8.8 probe, no GPU probe, no usage stats, no hub.
-            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-            "RUNPOD_SKIP_GPU_CHECK": "true",
+            # Loopback only: no usage stats, no hub.
             "RUNPOD_PING_INTERVAL": "3600000",  # ms: one ping at start, then quiet
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
-            # The SDK sends ~/.runpod/config.toml's api key instead of RUNPOD_AI_API_KEY.
-            "HOME": str(home),
             "DTYPE": "float32",
             "MAX_MODEL_LEN": "512",
             "KV_CACHE_MEMORY_BYTES": str(128 * 2**20),
@@ -160,20 +311,22 @@ def _production_env(base: dict[str, str], platform: PlatformStandIn, home: Path)
 
 
 @pytest.fixture(scope="module")
-def platform() -> Iterator[PlatformStandIn]:
-    with PlatformStandIn() as standin:
-        yield standin
+def platform() -> Iterator[Platform]:
+    # Held job-take and job-stop polls end after 2 s: the worker exits soon after SIGTERM.
+    config = EndpointConfig(port=0, endpoint_id=ENDPOINT_ID, take_hold_s=2.0, stop_hold_s=2.0)
+    with ThreadedEndpoint(config) as endpoint:
+        yield Platform(endpoint)
 
 
 @pytest.fixture(scope="module")
 def worker(
-    platform: PlatformStandIn,
+    platform: Platform,
     worker_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerProcess]:
     # An empty working directory: no test_input.json for the SDK (or the worker) to find.
     workdir = tmp_path_factory.mktemp("worker")
-    env = _production_env(worker_env, platform, home=workdir)
+    env = _production_env(worker_env, platform)
     process = WorkerProcess(env, workdir, workdir / "worker.log")
     process.start()
     try:
@@ -207,9 +360,7 @@ def count_prompt_tokens(tiny_model_dir: Path) -> Any:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def run_jobs(
-    platform: PlatformStandIn, worker: WorkerProcess, *jobs: dict[str, Any]
-) -> list[JobRecord]:
+def run_jobs(platform: Platform, worker: WorkerProcess, *jobs: dict[str, Any]) -> list[JobRecord]:
     """Hand the jobs to the worker all at once; their records once all are done."""
     ids = platform.enqueue(*jobs)
     records = platform.wait_done(ids, JOB_TIMEOUT_S, check=worker.check_alive)
@@ -272,7 +423,7 @@ def assert_streamed_output(
 
 
 def test_seed_request_streams_chunks_and_aggregates_them(
-    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+    platform: Platform, worker: WorkerProcess, count_prompt_tokens: Any
 ) -> None:
     job_input = seed_input(max_tokens=64)
     (record,) = run_jobs(platform, worker, {"id": "seed-1", "input": job_input})
@@ -284,8 +435,10 @@ def test_seed_request_streams_chunks_and_aggregates_them(
         max_tokens=64,
         prompt_tokens=count_prompt_tokens(job_input["prompt"]),
     )
-    # The SDK posted each chunk as {"output": chunk}, then the aggregate, to the job's URLs.
-    assert record.stream_bodies == [{"output": chunk} for chunk in record.stream]
+    # The SDK posted each chunk as {"output": chunk} (anything else is a recorded problem),
+    # then the aggregate, to the job's URLs.
+    assert platform.problems == []
+    assert record.status == "COMPLETED"
     assert record.taken_at is not None
     assert record.done_at is not None
     assert all(record.taken_at <= at <= record.done_at for at in record.stream_times)
@@ -311,7 +464,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_fails_the_job_and_the_worker_keeps_serving(
-    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any, case: str
+    platform: Platform, worker: WorkerProcess, count_prompt_tokens: Any, case: str
 ) -> None:
     bad_input, field = BAD_INPUTS[case]
     (failed,) = run_jobs(platform, worker, {"id": f"bad-{case}", "input": bad_input})
@@ -334,7 +487,7 @@ def test_bad_input_fails_the_job_and_the_worker_keeps_serving(
 
 
 def test_concurrent_jobs_with_n_and_stream_modes(
-    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+    platform: Platform, worker: WorkerProcess, count_prompt_tokens: Any
 ) -> None:
     # (n, max_tokens, stream_mode); the last two differ only in stream_mode (same seed).
     specs = [
@@ -362,7 +515,7 @@ def test_concurrent_jobs_with_n_and_stream_modes(
 
     texts = []
     for record, (n, max_tokens, mode) in zip(records, specs, strict=True):
-        prompt = record.job["input"]["prompt"]
+        prompt = record.input["prompt"]
         texts.append(
             assert_streamed_output(
                 record,
@@ -403,7 +556,7 @@ def _peak_overlap(intervals: list[tuple[float, float]]) -> int:
 
 
 def test_sigterm_lets_the_running_job_finish_then_exits(
-    platform: PlatformStandIn, worker: WorkerProcess, count_prompt_tokens: Any
+    platform: Platform, worker: WorkerProcess, count_prompt_tokens: Any
 ) -> None:
     """RunPod scales a worker down with SIGTERM: the job in flight must still be delivered.
 

@@ -1,0 +1,149 @@
+"""The worker the endpoint runs: ``python -u src/handler.py`` in production mode.
+
+It runs in its own process group (vLLM's engine processes are its children), gets
+SIGTERM when the endpoint's process dies (Linux), and is stopped as RunPod stops a
+worker: SIGTERM (the SDK finishes the jobs in flight and exits), then SIGKILL to the
+whole group after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# src/vllm_worker/local_endpoint/process.py -> src/handler.py
+HANDLER = Path(__file__).resolve().parents[2] / "handler.py"
+
+# Never passed from the caller's environment: they would select another run mode
+# (RUNPOD_REALTIME_PORT: the SDK's dev server), point the SDK elsewhere, or hand the
+# user's RunPod key to the worker, which has no use for it.
+_DROP_PREFIXES = ("RUNPOD_WEBHOOK_", "RUNPOD_REALTIME_")
+_DROP = {
+    "RUNPOD_POD_ID",
+    "RUNPOD_POD_HOSTNAME",
+    "RUNPOD_AI_API_KEY",
+    "RUNPOD_API_KEY",
+    "RUNPOD_ENDPOINT_ID",
+}
+
+
+def default_command() -> list[str]:
+    if not HANDLER.is_file():
+        raise FileNotFoundError(
+            f"{HANDLER} not found (is the package installed outside its source tree?); "
+            "pass --worker-cmd"
+        )
+    return [sys.executable, "-u", str(HANDLER)]
+
+
+def build_env(base: Mapping[str, str], attach: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment (MODEL_NAME etc.), minus RunPod's job API, plus ``attach``."""
+    env = {
+        name: value
+        for name, value in base.items()
+        if name not in _DROP and not name.startswith(_DROP_PREFIXES)
+    }
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # No usage reports from vLLM: the endpoint and its worker talk to loopback only.
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.update(attach)
+    return env
+
+
+class WorkerProcess:
+    """One worker subprocess in its own process group."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
+        self.command = list(command)
+        self.env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            # Its output goes where the endpoint's goes: the user sees the worker's log.
+            start_new_session=True,
+            preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
+        )
+        self.started_at = time.monotonic()
+        log.info("worker started: pid %d: %s", self.proc.pid, " ".join(self.command))
+
+    def returncode(self) -> int | None:
+        """None while it runs."""
+        return None if self.proc is None else self.proc.poll()
+
+    async def stop(self, grace_s: float, force: Callable[[], bool] = lambda: False) -> int | None:
+        """SIGTERM; SIGKILL after ``grace_s`` (or once ``force()``); then clear its process
+        group. Returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            log.info("stopping the worker (SIGTERM; SIGKILL after %.0f s)", grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            if not await _wait_exit(proc, grace_s, force):
+                log.warning("the worker did not exit (in %.0f s, or asked again): SIGKILL", grace_s)
+                _kill_group(proc.pid, signal.SIGKILL)
+                await _wait_exit(proc, 10.0, lambda: False)
+        # Engine processes that outlived it (none when it shut down cleanly).
+        _kill_group(proc.pid, signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        _kill_group(proc.pid, signal.SIGKILL)
+        log.info("worker exited with code %s", proc.returncode)
+        return proc.returncode
+
+
+async def _wait_exit(
+    proc: subprocess.Popen[bytes], timeout_s: float, force: Callable[[], bool]
+) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() >= deadline or force():
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the worker when the endpoint dies.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere None. libc is looked up here,
+    before the fork: the hook itself only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return hook

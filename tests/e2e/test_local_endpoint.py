@@ -1,0 +1,528 @@
+"""End to end: ``python -m vllm_worker.local_endpoint`` with its real worker, over HTTP.
+
+The endpoint runs as a user runs it: its own process, which starts ``src/handler.py`` in
+RunPod's production mode (the runpod SDK's real job loop) on vLLM's CPU build and the
+project's tiny model. The tests are RunPod clients: plain ``requests`` calls, the seed
+endpoint's own snippet, and the runpod SDK's client, against ``http://127.0.0.1:<port>``.
+
+One endpoint and worker serve the whole module (the engine takes 20-45 s to start).
+The last test stops them with SIGTERM; the fixture makes sure nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.engine
+
+START_TIMEOUT_S = 240.0  # until the worker polls for jobs (another engine may be starting)
+JOB_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+SEED_PROMPT = (
+    "\nWrite me an essay about how the french revolution impacted the rest of europe over "
+    "the 18th century. \n"
+)
+
+
+# --- the endpoint process -------------------------------------------------------------
+
+
+@dataclass
+class EndpointProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+    worker_pid: int = 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"the endpoint exited with code {self.proc.returncode}:\n{self.log_tail()}"
+            )
+
+    def wait_for_log(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if match := re.search(pattern, self.log()):
+                return match
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {pattern!r} in the endpoint's log after {timeout_s} s")
+            time.sleep(0.1)
+
+    def kill_everything(self) -> None:
+        for pgid in (self.proc.pid, self.worker_pid):
+            if pgid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group: ``"<pid> <command line>"``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            members.append(f"{entry.name} {command[:100]}")
+    return members
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EndpointProcess]:
+    workdir = tmp_path_factory.mktemp("local-endpoint")
+    env = {
+        **worker_env,  # the tiny model; STREAM_MIN_INTERVAL_MS=0: a chunk per engine step
+        "LOG_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MAX_CONCURRENCY": "64",
+        # Room for the seed's own max_tokens (1000); the fixed KV cache holds 64k tokens.
+        "MAX_MODEL_LEN": "2048",
+    }
+    log_path = workdir / "endpoint.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm_worker.local_endpoint",
+                "--port",
+                "0",  # any free port; the URL is in its output
+                "--log-level",
+                "DEBUG",
+            ],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process = EndpointProcess(proc, log_path)
+    try:
+        url = process.wait_for_log(r"listening on (http://127\.0\.0\.1:\d+/v2/local)\n", 30)
+        process.url = url.group(1)
+        pid = process.wait_for_log(r"worker \S+ started \(pid (\d+)\)", 30)
+        process.worker_pid = int(pid.group(1))
+        started = time.monotonic()
+        deadline = started + START_TIMEOUT_S
+        while sum(health(process)["workers"][state] for state in ("idle", "running")) < 1:
+            process.check_alive()
+            assert time.monotonic() < deadline, "the worker did not start polling"
+            time.sleep(0.5)
+        print(f"endpoint {process.url}: worker ready in {time.monotonic() - started:.1f} s")
+        yield process
+    except BaseException:
+        print("endpoint log (tail):\n" + process.log_tail())
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                print("the endpoint did not stop on SIGTERM: killed")
+        process.kill_everything()
+
+
+@pytest.fixture(autouse=True)
+def _log_on_failure(request: pytest.FixtureRequest, endpoint: EndpointProcess) -> Iterator[None]:
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        print("endpoint log (tail):\n" + endpoint.log_tail())
+
+
+# --- client helpers ---------------------------------------------------------------------
+
+
+def health(endpoint: EndpointProcess) -> dict[str, Any]:
+    return dict(requests.get(f"{endpoint.url}/health", timeout=10).json())
+
+
+def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
+    reply = requests.post(f"{endpoint.url}/run", json={"input": job_input}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body == {"id": body["id"], "status": "IN_QUEUE"}
+    return str(body["id"])
+
+
+def status(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
+    reply = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10)
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json())
+
+
+def wait_final(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (body := status(endpoint, job_id))["status"] in {"IN_QUEUE", "IN_PROGRESS"}:
+        endpoint.check_alive()
+        assert time.monotonic() < deadline, f"job {job_id} still {body['status']}"
+        time.sleep(0.1)
+    return body
+
+
+def check_chunks(chunks: list[dict[str, Any]], *, prompt: str, n: int, max_tokens: int) -> None:
+    """Cumulative chunks that each extend the last, and a final chunk with usage."""
+    texts = [""] * n
+    for chunk in chunks:
+        assert len(chunk["text"]) == n
+        for index, text in enumerate(chunk["text"]):
+            assert text.startswith(texts[index])
+            texts[index] = text
+    assert all(text.startswith(prompt) and len(text) > len(prompt) for text in texts)
+    final = chunks[-1]
+    assert final["finish_reason"] == ["length"] * n
+    assert final["usage"]["completion_tokens"] == n * max_tokens
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) -> None:
+    # The seed endpoint's own Python flow with the URL changed, and: ignore_eos, so that
+    # the random tiny model writes all of the 1000 tokens; polls every 0.1 s until
+    # COMPLETED instead of 10 polls a second apart (the tiny model on a CPU writes 1000
+    # tokens in 2-6 s).
+    url = f"{endpoint.url}/run"
+    headers = {
+        "Authorization": "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+        "Content-Type": "application/json",
+    }
+    prompt = SEED_PROMPT
+    payload = {
+        "input": {
+            "prompt": prompt,
+            "sampling_params": {
+                "max_tokens": 1000,
+                "n": 1,
+                "presence_penalty": 0.2,
+                "frequency_penalty": 0.7,
+                "temperature": 0.3,
+                "ignore_eos": True,
+            },
+        }
+    }
+    response = requests.post(url, headers=headers, json=payload, timeout=10)
+    response_json = json.loads(response.text)
+    status_url = f"{endpoint.url}/stream/{response_json['id']}"
+
+    polls = []
+    for _ in range(int(JOB_TIMEOUT_S / 0.1)):
+        time.sleep(0.1)
+        get_status = requests.get(status_url, headers=headers, timeout=10)
+        polls.append(json.loads(get_status.text))
+        if polls[-1]["status"] == "COMPLETED":
+            break
+
+    job_id = response_json["id"]
+    assert response_json == {"id": job_id, "status": "IN_QUEUE"}
+    assert polls[-1]["status"] == "COMPLETED", polls[-1]
+    order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert [order.index(poll["status"]) for poll in polls] == sorted(
+        order.index(poll["status"]) for poll in polls
+    )
+    for poll in polls:
+        assert set(poll) == {"id", "status", "stream"}
+        assert poll["id"] == job_id
+        assert all(set(item) == {"output"} for item in poll["stream"])
+    # Each poll returned what was new since the previous one: together, every chunk once.
+    chunks = [item["output"] for poll in polls for item in poll["stream"]]
+    partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
+    assert len(partial) >= 2, [(poll["status"], len(poll["stream"])) for poll in polls]
+    check_chunks(chunks, prompt=prompt, n=1, max_tokens=1000)
+
+    final = status(endpoint, job_id)
+    assert set(final) == {"id", "status", "delayTime", "executionTime", "output"}
+    assert final["status"] == "COMPLETED"
+    assert final["output"] == chunks  # the aggregate: all chunks, in order
+    assert final["output"][-1]["text"] == chunks[-1]["text"]
+    assert isinstance(final["delayTime"], int)
+    assert final["executionTime"] > 0
+    # Nothing is left to stream; POST reads the same as GET.
+    assert requests.get(status_url, timeout=10).json() == {
+        "id": job_id,
+        "status": "COMPLETED",
+        "stream": [],
+    }
+    assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
+    print(
+        f"seed flow: {len(chunks)} chunks over {len(partial)} partial polls; "
+        f"executionTime {final['executionTime']} ms"
+    )
+
+
+def test_time_to_first_chunk_through_http_polling(endpoint: EndpointProcess) -> None:
+    """From POST /run to the first /stream reply with a chunk, polling every 10 ms."""
+    figures = []
+    for attempt in range(5):
+        job_input = {
+            "prompt": f"Attempt {attempt}: once upon a time",
+            "sampling_params": {"max_tokens": 32, "ignore_eos": True},
+        }
+        started = time.monotonic()
+        job_id = submit(endpoint, job_input)
+        deadline = started + JOB_TIMEOUT_S
+        while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["stream"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        figures.append(time.monotonic() - started)
+        wait_final(endpoint, job_id)
+    median = statistics.median(figures)
+    print(
+        "time to first chunk via HTTP polling: median "
+        f"{median * 1000:.0f} ms ({', '.join(f'{f * 1000:.0f}' for f in figures)} ms)"
+    )
+    assert median < 5.0
+
+
+def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess) -> None:
+    job_input = {"prompt": "Quick:", "sampling_params": {"max_tokens": 16, "ignore_eos": True}}
+    reply = requests.post(f"{endpoint.url}/runsync", json={"input": job_input}, timeout=100)
+    assert reply.status_code == 200
+    body = reply.json()
+    assert set(body) == {"id", "status", "delayTime", "executionTime", "output"}
+    assert body["id"].startswith("sync-")
+    assert body["status"] == "COMPLETED"
+    check_chunks(body["output"], prompt="Quick:", n=1, max_tokens=16)
+    assert status(endpoint, body["id"]) == body
+
+    # A job longer than ?wait=: the reply says where it is; /status has the result later.
+    long_input = {
+        "prompt": "Slow:",
+        "sampling_params": {"n": 4, "max_tokens": 400, "ignore_eos": True},
+    }
+    started = time.monotonic()
+    reply = requests.post(
+        f"{endpoint.url}/runsync?wait=1000", json={"input": long_input}, timeout=100
+    )
+    waited = time.monotonic() - started
+    body = reply.json()
+    assert body["status"] in {"IN_QUEUE", "IN_PROGRESS"}, body
+    assert "output" not in body
+    assert 0.9 < waited < 10.0
+    final = wait_final(endpoint, body["id"])
+    assert final["status"] == "COMPLETED"
+    check_chunks(final["output"], prompt="Slow:", n=4, max_tokens=400)
+
+
+def test_a_validation_error_fails_the_job_and_the_next_one_works(
+    endpoint: EndpointProcess,
+) -> None:
+    bad = {"prompt": "Hello", "sampling_params": {"temperature": 5, "max_tokens": 4}}
+    job_id = submit(endpoint, bad)
+    final = wait_final(endpoint, job_id)
+    assert set(final) == {"id", "status", "delayTime", "executionTime", "error"}
+    assert final["status"] == "FAILED"
+    assert final["error"].startswith("invalid_input: sampling_params.temperature")
+    assert "Traceback" not in final["error"]
+    streamed = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
+    assert streamed == {"id": job_id, "status": "FAILED", "stream": [], "error": final["error"]}
+
+    good = {"prompt": "Hello", "sampling_params": {"max_tokens": 8, "ignore_eos": True}}
+    final = wait_final(endpoint, submit(endpoint, good))
+    assert final["status"] == "COMPLETED"
+    check_chunks(final["output"], prompt="Hello", n=1, max_tokens=8)
+
+    # Requests the endpoint itself refuses.
+    no_input = requests.post(f"{endpoint.url}/run", json={"prompt": "Hello"}, timeout=10)
+    assert no_input.status_code == 400
+    assert "input" in no_input.json()["error"]
+    unknown = requests.get(f"{endpoint.url}/status/no-such-job", timeout=10)
+    assert (unknown.status_code, unknown.json()) == (404, {"error": "request does not exist"})
+
+
+def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
+    # Two identical jobs of 4 x 1500 tokens (seconds of generation; the context is 2048),
+    # run side by side; one is cancelled once it streams. Had it gone on, it would have
+    # finished about when its twin did.
+    long_input = {
+        "prompt": "A long story:",
+        "sampling_params": {"n": 4, "max_tokens": 1500, "ignore_eos": True},
+    }
+    for _attempt in range(3):
+        job_id, twin_id = submit(endpoint, long_input), submit(endpoint, long_input)
+        submitted = time.monotonic()
+        deadline = submitted + JOB_TIMEOUT_S
+        while True:
+            assert time.monotonic() < deadline
+            seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
+            if seen["stream"] or seen["status"] not in {"IN_QUEUE", "IN_PROGRESS"}:
+                break
+            time.sleep(0.02)
+        cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
+        cancelled_at = time.monotonic()
+        if cancel["status"] == "CANCELLED":
+            break
+        # A starved worker process can miss every step but the last: try again.
+        print(f"job {job_id} was {cancel['status']} before it could be cancelled")
+        wait_final(endpoint, twin_id)
+    else:
+        pytest.fail("the job ended before its first chunk could be seen, three times")
+    assert cancel == {"id": job_id, "status": "CANCELLED"}
+    # What was streamed before the cancel can still be read.
+    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["status"] == (
+        "CANCELLED"
+    )
+
+    # The worker's SDK got the stop signal and cancelled the job's task (which aborts the
+    # vLLM request: tests/integration/test_handler.py).
+    endpoint.wait_for_log(rf"\| {job_id} \| Job stopped\.", 15)
+    stopped_after = time.monotonic() - cancelled_at
+
+    twin = wait_final(endpoint, twin_id)
+    assert twin["status"] == "COMPLETED"
+    twin_s = time.monotonic() - submitted
+    time.sleep(max(1.0, 0.2 * twin_s))  # a margin: the twins run at about the same pace
+    log = endpoint.log()
+    assert f"job {twin_id} done:" in log
+    assert f"job {job_id} done:" not in log  # the handler never finished the cancelled one
+
+    final = status(endpoint, job_id)
+    assert final["status"] == "CANCELLED"
+    assert "output" not in final
+    # Nothing the worker posted after the cancel was taken.
+    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
+        "id": job_id,
+        "status": "CANCELLED",
+        "stream": [],
+    }
+    # What the worker posted after the cancel (ignored): the posts in flight, no more.
+    late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
+    assert max(late, default=0) <= 10, late
+    print(
+        f"cancel: the SDK stopped the task {stopped_after * 1000:.0f} ms after /cancel; "
+        f"{max(late, default=0)} late posts ignored; its uncancelled twin took {twin_s:.1f} s"
+    )
+
+
+def test_fifty_concurrent_jobs_all_complete_correctly(endpoint: EndpointProcess) -> None:
+    specs = [(1 + number % 4, (8, 16, 24, 32, 48)[number % 5]) for number in range(50)]
+    submitted_at = {}
+    jobs = {}
+    started = time.monotonic()
+    for number, (n, max_tokens) in enumerate(specs):
+        job_input = {
+            "prompt": f"Job {number}: a story about the number {number}",
+            "sampling_params": {"n": n, "max_tokens": max_tokens, "ignore_eos": True},
+        }
+        job_id = submit(endpoint, job_input)
+        submitted_at[job_id] = time.monotonic()
+        jobs[job_id] = (number, n, max_tokens, job_input["prompt"])
+    assert len(jobs) == 50  # 50 distinct ids
+
+    finals: dict[str, dict[str, Any]] = {}
+    peak_in_progress = 0
+    deadline = started + 300
+    while len(finals) < len(jobs):
+        endpoint.check_alive()
+        assert time.monotonic() < deadline, f"{len(jobs) - len(finals)} jobs not done"
+        peak_in_progress = max(peak_in_progress, health(endpoint)["jobs"]["inProgress"])
+        for job_id in jobs:
+            if job_id not in finals:
+                body = status(endpoint, job_id)
+                if body["status"] not in {"IN_QUEUE", "IN_PROGRESS"}:
+                    finals[job_id] = body
+                    finals[job_id]["_seen_at"] = time.monotonic()
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+
+    for job_id, (_number, n, max_tokens, prompt) in jobs.items():
+        final = finals[job_id]
+        assert final["status"] == "COMPLETED", final
+        output = final["output"]
+        texts = output[-1]["text"]
+        assert len(texts) == n
+        assert all(text.startswith(prompt) for text in texts)  # its own prompt: no mix-up
+        assert output[-1]["usage"]["completion_tokens"] == n * max_tokens
+        check_chunks(output, prompt=prompt, n=n, max_tokens=max_tokens)
+
+    # Each job was handed out once (the endpoint logs every take at DEBUG).
+    takes = re.findall(r"worker \S+ took (.+)", endpoint.log())
+    taken = [job_id for line in takes for job_id in line.split(", ")]
+    assert sorted(job_id for job_id in taken if job_id in jobs) == sorted(jobs)
+
+    # They ran at once: in flight together on the endpoint's side and in the worker.
+    intervals = []
+    for job_id, final in finals.items():
+        start = submitted_at[job_id] + final["delayTime"] / 1000
+        intervals.append((start, start + final["executionTime"] / 1000))
+    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    overlap = peak = 0
+    for _at, step in points:
+        overlap += step
+        peak = max(peak, overlap)
+    assert peak_in_progress > 1
+    assert peak > 1
+    print(
+        f"50 concurrent jobs: all COMPLETED in {elapsed:.1f} s; peak in progress "
+        f"{peak_in_progress} (/health), {peak} (from delayTime/executionTime)"
+    )
+
+
+def test_the_runpod_sdk_client_works_with_only_the_base_url_changed(
+    endpoint: EndpointProcess,
+) -> None:
+    import runpod
+
+    runpod.api_key = "not-checked-locally"
+    runpod.endpoint_url_base = endpoint.url.rsplit("/", 1)[0]  # http://127.0.0.1:<port>/v2
+    sdk_endpoint = runpod.Endpoint("local")
+
+    job_input = {"prompt": "SDK:", "sampling_params": {"max_tokens": 12, "ignore_eos": True}}
+    run_request = sdk_endpoint.run(job_input)
+    output = run_request.output(timeout=60)
+    check_chunks(output, prompt="SDK:", n=1, max_tokens=12)
+    assert run_request.status() == "COMPLETED"
+    assert list(run_request.stream()) == output  # /stream had not been read for it
+
+    output = sdk_endpoint.run_sync(job_input, timeout=60)
+    check_chunks(output, prompt="SDK:", n=1, max_tokens=12)
+    assert set(sdk_endpoint.health()) == {"jobs", "workers"}
+    assert sdk_endpoint.purge_queue() == {"removed": 0, "status": "completed"}
+
+
+def test_sigterm_stops_the_endpoint_and_its_worker(endpoint: EndpointProcess) -> None:
+    """Runs last: Ctrl-C / SIGTERM stops the worker (SIGTERM, then SIGKILL) and exits 0."""
+    endpoint.proc.send_signal(signal.SIGTERM)
+    assert endpoint.proc.wait(STOP_TIMEOUT_S) == 0
+    assert "worker exited with code 0" in endpoint.log()
+    deadline = time.monotonic() + 5
+    while group_members(endpoint.worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_members(endpoint.worker_pid) == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{endpoint.url}/health", timeout=5)
