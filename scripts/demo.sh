@@ -6,19 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-
-model_dir=.cache/tiny-llama
-if [ ! -f "$model_dir/tiny_model.json" ]; then
-    .venv/bin/python -m vllm_worker.tiny_model "$model_dir" >/dev/null
-fi
-
-# Settings for the tiny model on a CPU (see the README's settings table); any of them
-# can be overridden from the calling environment.
-export MODEL_NAME="${MODEL_NAME:-$PWD/$model_dir}"
-export DTYPE="${DTYPE:-float32}"
-export MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}"
-export KV_CACHE_MEMORY_BYTES="${KV_CACHE_MEMORY_BYTES:-268435456}"
-export ENFORCE_EAGER="${ENFORCE_EAGER:-true}"
-export STREAM_MIN_INTERVAL_MS="${STREAM_MIN_INTERVAL_MS:-250}"
-export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
+source scripts/tiny_env.sh
+export STREAM_MIN_INTERVAL_MS="${STREAM_MIN_INTERVAL_MS:-250}"  # fewer, longer lines to read
 exec .venv/bin/python src/handler.py "$@"

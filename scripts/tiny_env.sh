@@ -1,0 +1,13 @@
+# Sourced by demo.sh and local_endpoint.sh: builds the tiny demo model once and exports
+# the settings that serve it on a CPU (see the README's settings table). Any of them can
+# be overridden from the calling environment.
+model_dir=.cache/tiny-llama
+if [ ! -f "$model_dir/tiny_model.json" ]; then
+    .venv/bin/python -m vllm_worker.tiny_model "$model_dir" >/dev/null
+fi
+export MODEL_NAME="${MODEL_NAME:-$PWD/$model_dir}"
+export DTYPE="${DTYPE:-float32}"
+export MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}"
+export KV_CACHE_MEMORY_BYTES="${KV_CACHE_MEMORY_BYTES:-268435456}"
+export ENFORCE_EAGER="${ENFORCE_EAGER:-true}"
+export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
