@@ -32,7 +32,7 @@ pytestmark = pytest.mark.engine
 
 START_TIMEOUT_S = 240.0  # until the worker polls for jobs (another engine may be starting)
 JOB_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 150.0  # the endpoint gives its worker 90 s (below) to shut down
 SEED_PROMPT = (
     "\nWrite me an essay about how the french revolution impacted the rest of europe over "
     "the 18th century. \n"
@@ -122,6 +122,8 @@ def endpoint(
                 "0",  # any free port; the URL is in its output
                 "--log-level",
                 "DEBUG",
+                "--worker-stop-timeout",
+                "90",  # vLLM's shutdown is slow on a busy machine
             ],
             cwd=workdir,
             env=env,
@@ -203,7 +205,8 @@ def check_chunks(chunks: list[dict[str, Any]], *, prompt: str, n: int, max_token
         for index, text in enumerate(chunk["text"]):
             assert text.startswith(texts[index])
             texts[index] = text
-    assert all(text.startswith(prompt) and len(text) > len(prompt) for text in texts)
+    # (A few random tokens can all decode to nothing: the length is checked by usage.)
+    assert all(text.startswith(prompt) for text in texts)
     final = chunks[-1]
     assert final["finish_reason"] == ["length"] * n
     assert final["usage"]["completion_tokens"] == n * max_tokens
@@ -212,11 +215,13 @@ def check_chunks(chunks: list[dict[str, Any]], *, prompt: str, n: int, max_token
 # --- tests ------------------------------------------------------------------------------
 
 
-def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) -> None:
-    # The seed endpoint's own Python flow with the URL changed, and: ignore_eos, so that
-    # the random tiny model writes all of the 1000 tokens; polls every 0.1 s until
-    # COMPLETED instead of 10 polls a second apart (the tiny model on a CPU writes 1000
-    # tokens in 2-6 s).
+def seed_flow(endpoint: EndpointProcess) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The seed endpoint's own Python flow with the URL changed; /run's reply and the polls.
+
+    Changed besides the URL: ``ignore_eos``, so that the random tiny model writes all of
+    the 1000 tokens, and polls every 0.1 s until COMPLETED instead of 10 polls a second
+    apart (the tiny model on a CPU writes 1000 tokens in 2-6 s).
+    """
     url = f"{endpoint.url}/run"
     headers = {
         "Authorization": "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
@@ -247,42 +252,52 @@ def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) ->
         polls.append(json.loads(get_status.text))
         if polls[-1]["status"] == "COMPLETED":
             break
+    return response_json, polls
 
-    job_id = response_json["id"]
-    assert response_json == {"id": job_id, "status": "IN_QUEUE"}
-    assert polls[-1]["status"] == "COMPLETED", polls[-1]
-    order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
-    assert [order.index(poll["status"]) for poll in polls] == sorted(
-        order.index(poll["status"]) for poll in polls
-    )
-    for poll in polls:
-        assert set(poll) == {"id", "status", "stream"}
-        assert poll["id"] == job_id
-        assert all(set(item) == {"output"} for item in poll["stream"])
-    # Each poll returned what was new since the previous one: together, every chunk once.
-    chunks = [item["output"] for poll in polls for item in poll["stream"]]
-    partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
+
+def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) -> None:
+    # A client starved of CPU by the engine (2 cores, other tests) can miss the whole
+    # generation between two polls: then the flow runs again, up to three times.
+    for attempt in range(1, 4):
+        response_json, polls = seed_flow(endpoint)
+        job_id = response_json["id"]
+        assert response_json == {"id": job_id, "status": "IN_QUEUE"}
+        assert polls[-1]["status"] == "COMPLETED", polls[-1]
+        order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+        assert [order.index(poll["status"]) for poll in polls] == sorted(
+            order.index(poll["status"]) for poll in polls
+        )
+        for poll in polls:
+            assert set(poll) == {"id", "status", "stream"}
+            assert poll["id"] == job_id
+            assert all(set(item) == {"output"} for item in poll["stream"])
+        # Each poll returned what was new since the previous one: together, every chunk once.
+        chunks = [item["output"] for poll in polls for item in poll["stream"]]
+        check_chunks(chunks, prompt=SEED_PROMPT, n=1, max_tokens=1000)
+
+        final = status(endpoint, job_id)
+        assert set(final) == {"id", "status", "delayTime", "executionTime", "output"}
+        assert final["status"] == "COMPLETED"
+        assert final["output"] == chunks  # the aggregate: all chunks, in order
+        assert final["output"][-1]["text"] == chunks[-1]["text"]
+        assert isinstance(final["delayTime"], int)
+        assert final["executionTime"] > 0
+        # Nothing is left to stream; POST reads the same as GET.
+        assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
+            "id": job_id,
+            "status": "COMPLETED",
+            "stream": [],
+        }
+        assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
+
+        partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
+        print(
+            f"seed flow, attempt {attempt}: {len(chunks)} chunks, {len(polls)} polls, "
+            f"{len(partial)} with partial output; executionTime {final['executionTime']} ms"
+        )
+        if len(partial) >= 2:
+            break
     assert len(partial) >= 2, [(poll["status"], len(poll["stream"])) for poll in polls]
-    check_chunks(chunks, prompt=prompt, n=1, max_tokens=1000)
-
-    final = status(endpoint, job_id)
-    assert set(final) == {"id", "status", "delayTime", "executionTime", "output"}
-    assert final["status"] == "COMPLETED"
-    assert final["output"] == chunks  # the aggregate: all chunks, in order
-    assert final["output"][-1]["text"] == chunks[-1]["text"]
-    assert isinstance(final["delayTime"], int)
-    assert final["executionTime"] > 0
-    # Nothing is left to stream; POST reads the same as GET.
-    assert requests.get(status_url, timeout=10).json() == {
-        "id": job_id,
-        "status": "COMPLETED",
-        "stream": [],
-    }
-    assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
-    print(
-        f"seed flow: {len(chunks)} chunks over {len(partial)} partial polls; "
-        f"executionTime {final['executionTime']} ms"
-    )
 
 
 def test_time_to_first_chunk_through_http_polling(endpoint: EndpointProcess) -> None:
@@ -365,51 +380,50 @@ def test_a_validation_error_fails_the_job_and_the_next_one_works(
     assert (unknown.status_code, unknown.json()) == (404, {"error": "request does not exist"})
 
 
-def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
-    # Two identical jobs of 4 x 1500 tokens (seconds of generation; the context is 2048),
-    # run side by side; one is cancelled once it streams. Had it gone on, it would have
-    # finished about when its twin did.
+def cancel_once(endpoint: EndpointProcess) -> dict[str, Any] | None:
+    """Two identical long jobs side by side; cancel one once it streams. Figures, or None
+    when the generation had ended in the engine before the stop reached the worker."""
+    # 4 x 2000 tokens: seconds of generation (the context is 2048 tokens).
     long_input = {
         "prompt": "A long story:",
-        "sampling_params": {"n": 4, "max_tokens": 1500, "ignore_eos": True},
+        "sampling_params": {"n": 4, "max_tokens": 2000, "ignore_eos": True},
     }
-    for _attempt in range(3):
-        job_id, twin_id = submit(endpoint, long_input), submit(endpoint, long_input)
-        submitted = time.monotonic()
-        deadline = submitted + JOB_TIMEOUT_S
-        while True:
-            assert time.monotonic() < deadline
-            seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
-            if seen["stream"] or seen["status"] not in {"IN_QUEUE", "IN_PROGRESS"}:
-                break
-            time.sleep(0.02)
-        cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
-        cancelled_at = time.monotonic()
-        if cancel["status"] == "CANCELLED":
+    job_id, twin_id = submit(endpoint, long_input), submit(endpoint, long_input)
+    submitted = time.monotonic()
+    while True:
+        assert time.monotonic() < submitted + JOB_TIMEOUT_S
+        seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
+        if seen["stream"] or seen["status"] not in {"IN_QUEUE", "IN_PROGRESS"}:
             break
-        # A starved worker process can miss every step but the last: try again.
-        print(f"job {job_id} was {cancel['status']} before it could be cancelled")
+        time.sleep(0.02)
+    cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
+    cancelled_at = time.monotonic()
+    if cancel["status"] != "CANCELLED":
         wait_final(endpoint, twin_id)
-    else:
-        pytest.fail("the job ended before its first chunk could be seen, three times")
+        return None
     assert cancel == {"id": job_id, "status": "CANCELLED"}
     # What was streamed before the cancel can still be read.
-    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["status"] == (
-        "CANCELLED"
-    )
+    before = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
+    assert before["status"] == "CANCELLED"
 
     # The worker's SDK got the stop signal and cancelled the job's task (which aborts the
     # vLLM request: tests/integration/test_handler.py).
     endpoint.wait_for_log(rf"\| {job_id} \| Job stopped\.", 15)
     stopped_after = time.monotonic() - cancelled_at
 
+    # Had it gone on, it would have finished about when its twin did.
     twin = wait_final(endpoint, twin_id)
     assert twin["status"] == "COMPLETED"
     twin_s = time.monotonic() - submitted
-    time.sleep(max(1.0, 0.2 * twin_s))  # a margin: the twins run at about the same pace
+    time.sleep(max(1.0, 0.2 * twin_s))
     log = endpoint.log()
     assert f"job {twin_id} done:" in log
-    assert f"job {job_id} done:" not in log  # the handler never finished the cancelled one
+    done_at = log.find(f"job {job_id} done:")
+    if done_at != -1:
+        # A worker process starved of CPU sees the engine's outputs late: the engine may
+        # have written every token before the stop came. Then there was nothing to stop.
+        assert done_at < log.index(f"| {job_id} | Stopping job."), "went on after the stop"
+        return None
 
     final = status(endpoint, job_id)
     assert final["status"] == "CANCELLED"
@@ -423,9 +437,48 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     # What the worker posted after the cancel (ignored): the posts in flight, no more.
     late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
     assert max(late, default=0) <= 10, late
+    return {
+        "seen_ms": stopped_after * 1000,
+        "stopped_ms": _stop_latency_ms(log, job_id),
+        "late": max(late, default=0),
+        "twin_s": twin_s,
+    }
+
+
+def _stop_latency_ms(log: str, job_id: str) -> float:
+    """From the endpoint's cancel to the next timestamped log line after the SDK's
+    "Job stopped." (the SDK's own lines carry no time): an upper bound."""
+    lines = log.splitlines()
+
+    def stamp(line: str) -> float | None:
+        found = re.match(r"\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d),(\d{3}) ", line)
+        if found is None:
+            return None
+        hours, minutes, seconds, millis = (int(part) for part in found.groups())
+        return ((hours * 60 + minutes) * 60 + seconds) * 1000.0 + millis
+
+    cancelled = next(i for i, line in enumerate(lines) if f"job {job_id}: cancel ->" in line)
+    stopped = next(i for i, line in enumerate(lines) if f"| {job_id} | Job stopped." in line)
+    after = next(t for line in lines[stopped:] if (t := stamp(line)) is not None)
+    start = stamp(lines[cancelled])
+    assert start is not None
+    return after - start
+
+
+def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
+    for attempt in range(1, 4):
+        figures = cancel_once(endpoint)
+        if figures is not None:
+            break
+        print(f"cancel, attempt {attempt}: the generation ended before the stop; again")
+    else:
+        pytest.fail("three times, the generation ended before the cancel reached the engine")
     print(
-        f"cancel: the SDK stopped the task {stopped_after * 1000:.0f} ms after /cancel; "
-        f"{max(late, default=0)} late posts ignored; its uncancelled twin took {twin_s:.1f} s"
+        # Both are upper bounds: when the test saw the SDK's line, and the log's next time.
+        "cancel: the SDK stopped the task <= "
+        f"{min(figures['seen_ms'], figures['stopped_ms']):.0f} ms after /cancel; "
+        f"{figures['late']} late posts ignored; its uncancelled twin took "
+        f"{figures['twin_s']:.1f} s"
     )
 
 
@@ -519,7 +572,8 @@ def test_sigterm_stops_the_endpoint_and_its_worker(endpoint: EndpointProcess) ->
     """Runs last: Ctrl-C / SIGTERM stops the worker (SIGTERM, then SIGKILL) and exits 0."""
     endpoint.proc.send_signal(signal.SIGTERM)
     assert endpoint.proc.wait(STOP_TIMEOUT_S) == 0
-    assert "worker exited with code 0" in endpoint.log()
+    log = endpoint.log()
+    assert "worker exited with code 0" in log, re.findall(r".*(?:worker|SIG).*", log)[-20:]
     deadline = time.monotonic() + 5
     while group_members(endpoint.worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)

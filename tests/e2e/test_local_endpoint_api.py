@@ -7,6 +7,7 @@ retention, /retry, /purge-queue, and refusals. Everything runs on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -289,7 +291,7 @@ def test_the_endpoint_exits_when_its_worker_dies() -> None:
     worker_cmd = f"{sys.executable} -c 'raise SystemExit(3)'"
     returncode, output = run_cli("--worker-cmd", worker_cmd)
     assert returncode == 1, output
-    assert "the worker exited with code 3" in output
+    assert "the worker exited with code 3" in output, output
 
 
 def test_no_worker_mode_prints_what_a_worker_needs_and_stops_on_sigterm() -> None:
@@ -300,3 +302,50 @@ def test_no_worker_mode_prints_what_a_worker_needs_and_stops_on_sigterm() -> Non
     assert "/v2/local/job-take/$ID?token=" in exports["RUNPOD_WEBHOOK_GET_JOB"]
     assert exports["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
     assert "SIGTERM: stopping" in output
+
+
+def test_the_worker_dies_with_a_killed_endpoint(tmp_path: Path) -> None:
+    log_path = tmp_path / "endpoint.log"
+    worker_cmd = f"{sys.executable} -c 'import time; time.sleep(120)'"
+    command = [sys.executable, "-m", "vllm_worker.local_endpoint", "--port", "0"]
+    command.extend(["--worker-cmd", worker_cmd])
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker_pid = 0
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"started \(pid (\d+)\)", log_path.read_text())):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        worker_pid = int(found.group(1))
+        time.sleep(1.0)  # past the wrapper that arms the kernel's parent-death signal
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to stop its worker itself
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker_pid}").exists() and _state(worker_pid) != "Z":
+            assert time.monotonic() < deadline, "the worker outlived the endpoint"
+            time.sleep(0.1)
+    finally:
+        for pid in (proc.pid, worker_pid):
+            if pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(")") + 2]
+
+
+def test_a_worker_command_that_cannot_start_stops_the_endpoint() -> None:
+    returncode, output = run_cli("--worker-cmd", "/nonexistent/worker --flag")
+    assert returncode == 1, output
+    assert "cannot start the worker: /nonexistent/worker" in output

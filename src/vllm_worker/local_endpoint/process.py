@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -77,12 +76,11 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.command,
+            _dying_with_parent(self.command),
             env=self.env,
             stdin=subprocess.DEVNULL,
             # Its output goes where the endpoint's goes: the user sees the worker's log.
             start_new_session=True,
-            preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509
         )
         self.started_at = time.monotonic()
         log.info("worker started: pid %d: %s", self.proc.pid, " ".join(self.command))
@@ -129,21 +127,23 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel SIGTERM the worker when the endpoint dies.
+# Run before the worker's command, in its process (it execs the command): the kernel
+# sends the worker SIGTERM when the endpoint dies, even by SIGKILL. Not a preexec_fn:
+# Python code between fork and exec can deadlock when the parent has threads.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('the local endpoint is gone')\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as error:\n"
+    "    sys.exit(f'cannot start the worker: {sys.argv[2]}: {error.strerror}')\n"
+)
 
-    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere None. libc is looked up here,
-    before the fork: the hook itself only calls it.
-    """
+
+def _dying_with_parent(command: Sequence[str]) -> list[str]:
+    """``command``, made to get SIGTERM when the endpoint dies (Linux only)."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return hook
+        return list(command)
+    return [sys.executable, "-c", _PDEATHSIG_EXEC, str(os.getpid()), *command]

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -212,7 +213,7 @@ async def serve(
         worker = WorkerProcess(worker_command, build_env(environ, endpoint.worker_env(worker_id)))
         try:
             worker.start()
-        except OSError as error:
+        except (OSError, subprocess.SubprocessError) as error:
             log.error("cannot start the worker %s: %s", " ".join(worker_command), error)
             return 2
         announce(f"worker {worker_id} started (pid {worker.pid}); it is ready when it polls")
