@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import requests
 
+from vllm_worker.client import DeltaTracker, EndpointClient, EndpointError
+
 pytestmark = pytest.mark.engine
 
 START_TIMEOUT_S = 240.0  # until the worker polls for jobs (another engine may be starting)
@@ -566,6 +568,58 @@ def test_the_runpod_sdk_client_works_with_only_the_base_url_changed(
     check_chunks(output, prompt="SDK:", n=1, max_tokens=12)
     assert set(sdk_endpoint.health()) == {"jobs", "workers"}
     assert sdk_endpoint.purge_queue() == {"removed": 0, "status": "completed"}
+
+
+def test_our_client_streams_text_equal_to_the_final_output(endpoint: EndpointProcess) -> None:
+    client = EndpointClient(endpoint.url)
+    job_input = {
+        "prompt": "Once upon a time",
+        "sampling_params": {"max_tokens": 40, "ignore_eos": True, "n": 2},
+    }
+    job_id = client.submit(job_input)
+    tracker = DeltaTracker(cumulative=True)
+    deltas = [delta for chunk in client.stream(job_id) for delta in tracker.feed(chunk)]
+    final = status(endpoint, job_id)
+    assert final["status"] == "COMPLETED"
+    last_chunk = final["output"][-1]
+    assert [tracker.texts[0], tracker.texts[1]] == last_chunk["text"]
+    assert "".join(d.text for d in deltas if d.index == 0) == last_chunk["text"][0]
+    assert tracker.final is not None
+    assert tracker.final["usage"]["completion_tokens"] == 80
+
+
+def test_our_client_cli_prints_the_text_and_usage(endpoint: EndpointProcess) -> None:
+    job_input = {
+        "prompt": "Hello there",
+        "echo": False,
+        "sampling_params": {"max_tokens": 12, "ignore_eos": True, "seed": 3},
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm_worker.client",
+            "--url",
+            endpoint.url,
+            "--input",
+            json.dumps(job_input),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'completion_tokens': 12" in result.stderr
+    synced = EndpointClient(endpoint.url).run_sync(job_input)
+    assert synced["status"] == "COMPLETED"
+    assert result.stdout.rstrip("\n") == synced["output"][-1]["text"][0].rstrip("\n")
+
+
+def test_our_client_reports_a_failed_job(endpoint: EndpointProcess) -> None:
+    client = EndpointClient(endpoint.url)
+    with pytest.raises(EndpointError, match=r"FAILED: invalid_input: sampling_params\.top_p"):
+        list(client.stream_text({"prompt": "x", "sampling_params": {"top_p": 0}}))
 
 
 def test_sigterm_stops_the_endpoint_and_its_worker(endpoint: EndpointProcess) -> None:
