@@ -100,11 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.worker_cmd:
         command = shlex.split(args.worker_cmd)
     else:
-        try:
-            command = default_command()
-        except FileNotFoundError as error:
-            print(f"local-endpoint: {error}", file=sys.stderr)
-            return 2
+        command = default_command()
     config = EndpointConfig(
         host=args.host,
         port=args.port,

@@ -38,12 +38,11 @@ _DROP = {
 
 
 def default_command() -> list[str]:
-    if not HANDLER.is_file():
-        raise FileNotFoundError(
-            f"{HANDLER} not found (is the package installed outside its source tree?); "
-            "pass --worker-cmd"
-        )
-    return [sys.executable, "-u", str(HANDLER)]
+    """The repository's ``src/handler.py``; the installed package's entry where there is no
+    source tree (a non-editable install, as in the Docker image)."""
+    if HANDLER.is_file():
+        return [sys.executable, "-u", str(HANDLER)]
+    return [sys.executable, "-u", "-m", "vllm_worker"]
 
 
 def build_env(base: Mapping[str, str], attach: Mapping[str, str]) -> dict[str, str]:
