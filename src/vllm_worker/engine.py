@@ -6,7 +6,8 @@ This module (and ``engine_args``) are the only ones that import vLLM.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vllm import AsyncLLMEngine, SamplingParams
@@ -41,13 +42,26 @@ class Engine:
         """Token ids of a prompt, with the BOS token the model expects."""
         return list(self._tokenizer.encode(text))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineUpdate]:
-        """Submit ``request`` and yield its progress; cancelling the caller aborts it."""
+    async def generate(
+        self, request: GenerationRequest, emit: Callable[[float], bool] | None = None
+    ) -> AsyncIterator[EngineUpdate]:
+        """Submit ``request`` and yield its progress; cancelling the caller aborts it.
+
+        ``emit(now)`` (``now`` from ``time.perf_counter()``) is asked after every engine
+        output that does not end the request; while it says no, outputs are held and
+        yielded merged with the next one (as vLLM merges the outputs of a caller that has
+        not read them yet). The caller's work is then per update it wants, not per token.
+        """
         params = _to_vllm_params(request)
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        held: dict[int, list[Any]] = {}  # sequence index -> its completions not yet yielded
         try:
             async for output in self.async_llm.generate(prompt, params, request.request_id):
-                yield _to_update(output, self._tokenizer)
+                for completion in output.outputs:
+                    held.setdefault(completion.index, []).append(completion)
+                if output.finished or emit is None or emit(time.perf_counter()):
+                    yield _to_update(output, held, self._tokenizer)
+                    held = {}
         except VLLMValidationError as error:
             # Values only the engine can check (e.g. token ids outside the vocabulary).
             field = f"sampling_params.{error.parameter}" if error.parameter else "input"
@@ -89,21 +103,35 @@ def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
     )
 
 
-def _to_update(output: Any, tokenizer: Any) -> EngineUpdate:
-    sequences = tuple(
-        SequenceDelta(
-            index=completion.index,
-            text=completion.text,
-            num_tokens=len(completion.token_ids),
-            finish_reason=completion.finish_reason,
-            logprobs=_to_logprobs(completion, tokenizer) if completion.logprobs else (),
-        )
-        for completion in output.outputs
-    )
+def _to_update(output: Any, held: dict[int, list[Any]], tokenizer: Any) -> EngineUpdate:
+    """One update from ``output`` and the completions held back before it."""
     return EngineUpdate(
         prompt_tokens=len(output.prompt_token_ids or ()),
-        sequences=sequences,
+        sequences=tuple(
+            _to_delta(index, completions, tokenizer) for index, completions in held.items()
+        ),
         finished=output.finished,
+    )
+
+
+def _to_delta(index: int, completions: list[Any], tokenizer: Any) -> SequenceDelta:
+    """One sequence's consecutive delta completions, merged."""
+    last = completions[-1]
+    if len(completions) == 1:  # the usual case, once per chunk
+        text, num_tokens = last.text, len(last.token_ids)
+    else:
+        text = "".join(completion.text for completion in completions)
+        num_tokens = sum(len(completion.token_ids) for completion in completions)
+    logprobs: tuple[TokenLogprob, ...] = ()
+    for completion in completions:
+        if completion.logprobs:
+            logprobs += _to_logprobs(completion, tokenizer)
+    return SequenceDelta(
+        index=index,
+        text=text,
+        num_tokens=num_tokens,
+        finish_reason=last.finish_reason,
+        logprobs=logprobs,
     )
 
 

@@ -23,8 +23,10 @@ Chunk = dict[str, Any]
 
 @dataclass
 class _Sequence:
-    text: str
-    unsent_from: int = 0
+    # Text arrives in pieces that are joined once per chunk, never once per token; delta
+    # mode keeps only the pieces not yet sent, cumulative mode also the text sent so far.
+    sent: str = ""
+    unsent: list[str] = field(default_factory=list)
     num_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -34,8 +36,8 @@ class ChunkBuilder:
     """Accumulates engine updates for one job and renders its chunks."""
 
     def __init__(self, *, prompt: str, n: int, echo: bool, mode: StreamMode) -> None:
-        start = prompt if echo else ""
-        self._sequences = [_Sequence(text=start) for _ in range(n)]
+        start = [prompt] if echo and prompt else []
+        self._sequences = [_Sequence(unsent=list(start)) for _ in range(n)]
         self._mode = mode
         self.prompt_tokens = 0
 
@@ -43,7 +45,7 @@ class ChunkBuilder:
         self.prompt_tokens = update.prompt_tokens
         for delta in update.sequences:
             sequence = self._sequences[delta.index]
-            sequence.text += delta.text
+            sequence.unsent.append(delta.text)
             sequence.num_tokens += delta.num_tokens
             sequence.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not None:
@@ -73,12 +75,14 @@ class ChunkBuilder:
         return chunk
 
     def _texts(self) -> list[str]:
-        if self._mode == "cumulative":
-            return [sequence.text for sequence in self._sequences]
         texts = []
         for sequence in self._sequences:
-            texts.append(sequence.text[sequence.unsent_from :])
-            sequence.unsent_from = len(sequence.text)
+            new = "".join(sequence.unsent)
+            sequence.unsent.clear()
+            if self._mode == "cumulative":
+                sequence.sent += new
+                new = sequence.sent
+            texts.append(new)
         return texts
 
 
