@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
-.venv/bin/ruff check src tests builder
-.venv/bin/ruff format --check src tests builder
+.venv/bin/ruff check src tests builder bench
+.venv/bin/ruff format --check src tests builder bench
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -505,8 +505,10 @@ def test_concurrent_jobs_with_n_and_stream_modes(
         prompt = f"Job {number}: the French Revolution changed Europe because"
         if number >= 6:
             prompt = "Twins: the French Revolution changed Europe because"
-        sampling = {"n": n, "max_tokens": max_tokens, "ignore_eos": True, "seed": 1000 + number}
+        sampling: dict[str, Any] = {"n": n, "max_tokens": max_tokens, "ignore_eos": True}
         if number >= 6:
+            # Only the twins are seeded: many seeded requests at once can crash the CPU
+            # build's engine ("CPU Generator does not use offset"), an issue #5 case.
             sampling["seed"] = 7
         job_input = {"prompt": prompt, "sampling_params": sampling, "stream_mode": mode}
         jobs.append({"id": f"concurrent-{number}", "input": job_input})
