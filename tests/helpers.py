@@ -29,3 +29,21 @@ async def collect(handler: Handler, job_input: Any) -> list[Chunk]:
     """Run one job through the handler as the runpod SDK does; return every chunk."""
     job = {"id": f"job-{next(_job_numbers)}", "input": job_input}
     return [chunk async for chunk in handler(job)]
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group: ``"<pid> <command line>"``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+            members.append(f"{entry.name} {command[:100]}")
+    return members

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import requests
 
+from helpers import group_members
 from vllm_worker.client import DeltaTracker, EndpointClient, EndpointError
 
 pytestmark = pytest.mark.engine
@@ -79,24 +80,6 @@ class EndpointProcess:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
         self.proc.wait(10)
-
-
-def group_members(pgid: int) -> list[str]:
-    """Live (not zombie) processes of a process group: ``"<pid> <command line>"``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            members.append(f"{entry.name} {command[:100]}")
-    return members
 
 
 @pytest.fixture(scope="module")

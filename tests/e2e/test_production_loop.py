@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from helpers import group_members
 from vllm_worker.local_endpoint import EndpointConfig, JobStore, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job, TakeRecord
 
@@ -249,7 +250,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        left_behind = _group_members(pgid)
+        left_behind = group_members(pgid)
         for sig, grace_s in ((None, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if sig is not None:
                 try:
@@ -257,29 +258,11 @@ class WorkerProcess:
                 except ProcessLookupError:
                     break
             deadline = time.monotonic() + grace_s
-            while _group_members(pgid) and time.monotonic() < deadline:
+            while group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if not _group_members(pgid):
+            if not group_members(pgid):
                 break
         return self.proc.returncode, left_behind
-
-
-def _group_members(pgid: int) -> list[str]:
-    """Live (not zombie) processes of a process group: ``"<pid> <command line>"``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
-            members.append(f"{entry.name} {command[:100]}")
-    return members
 
 
 def _production_env(base: dict[str, str], platform: Platform) -> dict[str, str]:
@@ -590,7 +573,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     print(f"worker exited {time.monotonic() - signalled_at:.1f} s after SIGTERM")
     # No engine process outlived it (a moment's grace for children that are exiting).
     deadline = time.monotonic() + 5
-    while _group_members(worker.proc.pid) and time.monotonic() < deadline:
+    while group_members(worker.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _group_members(worker.proc.pid) == []
+    assert group_members(worker.proc.pid) == []
     assert platform.problems == []
