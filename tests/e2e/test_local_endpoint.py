@@ -419,9 +419,11 @@ def cancel_once(endpoint: EndpointProcess) -> dict[str, Any] | None:
         "status": "CANCELLED",
         "stream": [],
     }
-    # What the worker posted after the cancel (ignored): the posts in flight, no more.
+    # What the worker posted after the cancel (ignored): the posts in flight until the stop
+    # reached it. How many depends on the machine's load (no timing bound here); it must be
+    # far fewer than a whole generation, which its uncancelled twin shows.
     late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
-    assert max(late, default=0) <= 10, late
+    assert max(late, default=0) < len(twin["output"]) / 2, (late, len(twin["output"]))
     return {
         "seen_ms": stopped_after * 1000,
         "stopped_ms": _stop_latency_ms(log, job_id),
