@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,17 +28,33 @@ MIN_WAIT_MS, MAX_WAIT_MS = 1000, 300_000
 MIN_EXECUTION_TIMEOUT_MS, MIN_TTL_MS = 5000, 10_000
 
 
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def add_routes(app: web.Application, ctx: Context) -> None:
     routes = _PublicRoutes(ctx)
-    app.router.add_post(PREFIX + "/run", routes.run)
-    app.router.add_post(PREFIX + "/runsync", routes.runsync)
+
+    def checked(route: Route) -> Route:
+        """Every operation: this endpoint's id and the API key first; a refusal, answered."""
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            try:
+                routes.check(request)
+                return await route(request)
+            except _RefusedError as refused:
+                return refused.response
+
+        return answer
+
+    app.router.add_post(PREFIX + "/run", checked(routes.run))
+    app.router.add_post(PREFIX + "/runsync", checked(routes.runsync))
     for method in ("GET", "POST"):
-        app.router.add_route(method, PREFIX + "/status/{job}", routes.status)
-        app.router.add_route(method, PREFIX + "/stream/{job}", routes.stream)
-    app.router.add_post(PREFIX + "/cancel/{job}", routes.cancel)
-    app.router.add_post(PREFIX + "/retry/{job}", routes.retry)
-    app.router.add_post(PREFIX + "/purge-queue", routes.purge_queue)
-    app.router.add_get(PREFIX + "/health", routes.health)
+        app.router.add_route(method, PREFIX + "/status/{job}", checked(routes.status))
+        app.router.add_route(method, PREFIX + "/stream/{job}", checked(routes.stream))
+    app.router.add_post(PREFIX + "/cancel/{job}", checked(routes.cancel))
+    app.router.add_post(PREFIX + "/retry/{job}", checked(routes.retry))
+    app.router.add_post(PREFIX + "/purge-queue", checked(routes.purge_queue))
+    app.router.add_get(PREFIX + "/health", checked(routes.health))
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -55,7 +72,7 @@ class _PublicRoutes:
         self.ctx = ctx
         self.store = ctx.store
 
-    def _check(self, request: web.Request) -> None:
+    def check(self, request: web.Request) -> None:
         """Raise ``_RefusedError`` unless the request is for this endpoint and authorized."""
         if request.match_info["endpoint"] != self.ctx.config.endpoint_id:
             raise _RefusedError(
@@ -89,22 +106,14 @@ class _PublicRoutes:
         return body["input"], timeout_s, ttl_s
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-            job_input, timeout_s, ttl_s = await self._submission(request)
-        except _RefusedError as refused:
-            return refused.response
+        job_input, timeout_s, ttl_s = await self._submission(request)
         job = self.store.submit(job_input, execution_timeout_s=timeout_s, ttl_s=ttl_s)
         log.info("job %s queued (/run)", job.id)
         return web.json_response({"id": job.id, "status": job.status.value})
 
     async def runsync(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-            wait_ms = _wait_ms(request.query.get("wait"), self.ctx.config.runsync_wait_s)
-            job_input, timeout_s, ttl_s = await self._submission(request)
-        except _RefusedError as refused:
-            return refused.response
+        wait_ms = _wait_ms(request.query.get("wait"), self.ctx.config.runsync_wait_s)
+        job_input, timeout_s, ttl_s = await self._submission(request)
         job = self.store.submit(job_input, sync=True, execution_timeout_s=timeout_s, ttl_s=ttl_s)
         log.info("job %s queued (/runsync, waits up to %d ms)", job.id, wait_ms)
         ctx = self.ctx
@@ -112,20 +121,12 @@ class _PublicRoutes:
         return web.json_response(status_body(job))
 
     async def status(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         job = self.store.get(request.match_info["job"])
         if job is None:
             return _not_found()
         return web.json_response(status_body(job))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         read = self.store.read_stream(request.match_info["job"])
         if read is None:
             return _not_found()
@@ -133,10 +134,6 @@ class _PublicRoutes:
         return web.json_response(stream_body(job, outputs))
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         job = self.store.cancel(request.match_info["job"])
         if job is None:
             return _not_found()
@@ -144,10 +141,6 @@ class _PublicRoutes:
         return web.json_response({"id": job.id, "status": job.status.value})
 
     async def retry(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         try:
             job = self.store.retry(request.match_info["job"])
         except RetryError as error:
@@ -158,19 +151,11 @@ class _PublicRoutes:
         return web.json_response({"id": job.id, "status": job.status.value})
 
     async def purge_queue(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         removed = self.store.purge_queue()
         log.info("purge-queue: %d queued jobs cancelled", removed)
         return web.json_response({"removed": removed, "status": "completed"})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check(request)
-        except _RefusedError as refused:
-            return refused.response
         body = self.store.health(workers_initializing=self.ctx.workers_initializing())
         return web.json_response(body)
 
