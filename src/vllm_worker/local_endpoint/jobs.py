@@ -325,20 +325,32 @@ class JobStore:
             self._on_change()
         return taken
 
-    def post_stream(self, worker_id: str, job_id: str, output: Any) -> PostResult:
-        """A chunk the worker streamed for a job."""
+    def _posted_to(self, worker_id: str, job_id: str, post: str) -> Job | PostResult:
+        """The running job a worker's post is for, or why the post is not taken."""
         self.seen(worker_id)
         job = self._jobs.get(job_id)
         if job is None or job.worker_id != worker_id:
             return PostResult.UNKNOWN_JOB
         if job.status is not JobStatus.IN_PROGRESS:
             job.ignored_posts += 1
-            self._late_post(job, "job-stream")
-            # The worker still runs the job: the stop signal was lost (e.g. it came before
-            # the SDK had started the job's task) and is sent again.
-            if job.stop_sent_at is not None and self._clock() - job.stop_sent_at >= STOP_REPEAT_S:
-                self._request_stop(job)
+            self._late_post(job, post)
             return PostResult.IGNORED
+        return job
+
+    def _repeat_stop(self, job_id: str) -> None:
+        """A stopped job still streams: the stop signal was lost (e.g. it came before the
+        SDK had started the job's task), so it is sent again."""
+        job = self._jobs[job_id]
+        if job.stop_sent_at is not None and self._clock() - job.stop_sent_at >= STOP_REPEAT_S:
+            self._request_stop(job)
+
+    def post_stream(self, worker_id: str, job_id: str, output: Any) -> PostResult:
+        """A chunk the worker streamed for a job."""
+        job = self._posted_to(worker_id, job_id, "job-stream")
+        if isinstance(job, PostResult):
+            if job is PostResult.IGNORED:
+                self._repeat_stop(job_id)
+            return job
         job.stream.append(StreamEntry(output=output, at=self._clock()))
         self._on_change()
         return PostResult.ACCEPTED
@@ -347,14 +359,9 @@ class JobStore:
         self, worker_id: str, job_id: str, body: Any, *, is_stream: str | None = None
     ) -> PostResult:
         """The worker's job-done post: ``{"output": ...}`` or ``{"error": "..."}``."""
-        self.seen(worker_id)
-        job = self._jobs.get(job_id)
-        if job is None or job.worker_id != worker_id:
-            return PostResult.UNKNOWN_JOB
-        if job.status is not JobStatus.IN_PROGRESS:
-            job.ignored_posts += 1
-            self._late_post(job, "job-done")
-            return PostResult.IGNORED
+        job = self._posted_to(worker_id, job_id, "job-done")
+        if isinstance(job, PostResult):
+            return job
         job.done_body = body
         job.done_is_stream = is_stream
         body = body if isinstance(body, dict) else {"output": body}
