@@ -1,22 +1,16 @@
 """Job input validation: strict types, ranges, unknown keys named, one-line messages."""
 
+import json
 from typing import Any
 
 import pytest
 
+from helpers import REPO_ROOT
 from vllm_worker.errors import InvalidInputError
 from vllm_worker.schema import JobInput, parse_job_input
 
-SEED_INPUT = {
-    "prompt": "\nWrite me an essay about how the french revolution impacted the rest of europe.\n",
-    "sampling_params": {
-        "max_tokens": 1000,
-        "n": 1,
-        "presence_penalty": 0.2,
-        "frequency_penalty": 0.7,
-        "temperature": 0.3,
-    },
-}
+# The seed endpoint's request, as the repository ships it for local runs.
+SEED_INPUT = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
 
 
 def parse(raw: Any) -> JobInput:
