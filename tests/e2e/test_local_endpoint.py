@@ -11,9 +11,7 @@ The last test stops them with SIGTERM; the fixture makes sure nothing outlives i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import signal
 import statistics
@@ -21,21 +19,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from endpoint_process import (
+    JOB_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    EndpointProcess,
+    health,
+    start_endpoint,
+    status,
+    submit,
+    wait_final,
+)
 from helpers import group_members
 from vllm_worker.client import DeltaTracker, EndpointClient, EndpointError
 
 pytestmark = pytest.mark.engine
 
-START_TIMEOUT_S = 240.0  # until the worker polls for jobs (another engine may be starting)
-JOB_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 150.0  # the endpoint gives its worker 90 s (below) to shut down
 SEED_PROMPT = (
     "\nWrite me an essay about how the french revolution impacted the rest of europe over "
     "the 18th century. \n"
@@ -45,103 +48,12 @@ SEED_PROMPT = (
 # --- the endpoint process -------------------------------------------------------------
 
 
-@dataclass
-class EndpointProcess:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-    worker_pid: int = 0
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"the endpoint exited with code {self.proc.returncode}:\n{self.log_tail()}"
-            )
-
-    def wait_for_log(self, pattern: str, timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if match := re.search(pattern, self.log()):
-                return match
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {pattern!r} in the endpoint's log after {timeout_s} s")
-            time.sleep(0.1)
-
-    def kill_everything(self) -> None:
-        for pgid in (self.proc.pid, self.worker_pid):
-            if pgid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def endpoint(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EndpointProcess]:
-    workdir = tmp_path_factory.mktemp("local-endpoint")
-    env = {
-        **worker_env,  # the tiny model; STREAM_MIN_INTERVAL_MS=0: a chunk per engine step
-        "LOG_LEVEL": "INFO",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "MAX_CONCURRENCY": "64",
-        # Room for the seed's own max_tokens (1000); the fixed KV cache holds 64k tokens.
-        "MAX_MODEL_LEN": "2048",
-    }
-    log_path = workdir / "endpoint.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm_worker.local_endpoint",
-                "--port",
-                "0",  # any free port; the URL is in its output
-                "--log-level",
-                "DEBUG",
-                "--worker-stop-timeout",
-                "90",  # vLLM's shutdown is slow on a busy machine
-            ],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    process = EndpointProcess(proc, log_path)
-    try:
-        url = process.wait_for_log(r"listening on (http://127\.0\.0\.1:\d+/v2/local)\n", 30)
-        process.url = url.group(1)
-        pid = process.wait_for_log(r"worker \S+ started \(pid (\d+)\)", 30)
-        process.worker_pid = int(pid.group(1))
-        started = time.monotonic()
-        deadline = started + START_TIMEOUT_S
-        while sum(health(process)["workers"][state] for state in ("idle", "running")) < 1:
-            process.check_alive()
-            assert time.monotonic() < deadline, "the worker did not start polling"
-            time.sleep(0.5)
-        print(f"endpoint {process.url}: worker ready in {time.monotonic() - started:.1f} s")
+    with start_endpoint(worker_env, tmp_path_factory.mktemp("local-endpoint")) as process:
         yield process
-    except BaseException:
-        print("endpoint log (tail):\n" + process.log_tail())
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print("the endpoint did not stop on SIGTERM: killed")
-        process.kill_everything()
 
 
 @pytest.fixture(autouse=True)
@@ -150,36 +62,6 @@ def _log_on_failure(request: pytest.FixtureRequest, endpoint: EndpointProcess) -
     yield
     if request.session.testsfailed > failed_before:
         print("endpoint log (tail):\n" + endpoint.log_tail())
-
-
-# --- client helpers ---------------------------------------------------------------------
-
-
-def health(endpoint: EndpointProcess) -> dict[str, Any]:
-    return dict(requests.get(f"{endpoint.url}/health", timeout=10).json())
-
-
-def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
-    reply = requests.post(f"{endpoint.url}/run", json={"input": job_input}, timeout=10)
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body == {"id": body["id"], "status": "IN_QUEUE"}
-    return str(body["id"])
-
-
-def status(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
-    reply = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10)
-    assert reply.status_code == 200, reply.text
-    return dict(reply.json())
-
-
-def wait_final(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (body := status(endpoint, job_id))["status"] in {"IN_QUEUE", "IN_PROGRESS"}:
-        endpoint.check_alive()
-        assert time.monotonic() < deadline, f"job {job_id} still {body['status']}"
-        time.sleep(0.1)
-    return body
 
 
 def check_chunks(chunks: list[dict[str, Any]], *, prompt: str, n: int, max_tokens: int) -> None:
