@@ -38,6 +38,11 @@ class Engine:
         engine = AsyncLLMEngine.from_engine_args(build_engine_args(settings))
         return cls(engine, engine.get_tokenizer(), engine.model_config.max_model_len)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's Hugging Face tokenizer (chat templates, encode, decode)."""
+        return self._tokenizer
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a prompt, with the BOS token the model expects."""
         return list(self._tokenizer.encode(text))

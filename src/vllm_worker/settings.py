@@ -63,6 +63,8 @@ class Settings(BaseModel):
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     log_level: LogLevel = "INFO"
+    # A Jinja chat template (the text itself) for chat input, over the tokenizer's (chat.py).
+    custom_chat_template: str | None = None
 
     # --- where the model comes from (model_source.py) ------------------------------
     # Hugging Face's own variables, read here so that the worker knows what the
