@@ -20,6 +20,7 @@ TINY_ENGINE_ENV = {
     "ENFORCE_EAGER": "true",
     "DEFAULT_MAX_TOKENS": "48",
     "STREAM_MIN_INTERVAL_MS": "0",
+    "STREAM_INTERVAL_GROWTH": "0",  # with the above: a chunk per engine output
 }
 
 _job_numbers = itertools.count()

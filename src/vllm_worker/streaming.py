@@ -13,9 +13,12 @@ Nothing here knows about vLLM: ``engine.py`` converts its outputs to ``EngineUpd
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vllm_worker.engine_types import EngineUpdate, TokenLogprob
+
+if TYPE_CHECKING:
+    from vllm_worker.settings import Settings
 
 StreamMode = Literal["cumulative", "delta"]
 Chunk = dict[str, Any]
@@ -87,19 +90,56 @@ class ChunkBuilder:
 
 
 class EmissionClock:
-    """Decides when to send a chunk: the first at once, then at most one per interval.
+    """Decides when to send a chunk: the first at once, then gaps that grow with the job's age.
 
-    A chunk held back is not lost: its text is in the next chunk, and the final chunk
-    is always sent. Coalescing bounds the bytes of a cumulative stream and the number of
-    HTTP posts the runpod SDK makes per job, without delaying the first token.
+    After the first chunk, the next goes no sooner than ``growth`` x the job's age when the
+    previous one went (its age: time since the first chunk), and never sooner than
+    ``min_interval_s``; ``max_interval_s`` caps that gap. Uncapped, the chunks of a job are
+    spaced geometrically (ratio ``1 + growth``), so a job of any length sends about
+    ``log(age / min_interval) / log(1 + growth)`` chunks and a cumulative stream, which
+    repeats all text so far in every chunk, costs at most about ``1 + (1 + growth) / growth``
+    times the final text (3.3x at 0.75) instead of growing with the square of its length.
+    A chunk held back is not lost: its text is in the next chunk, and the final chunk is
+    never held (the caller sends it without asking).
     """
 
-    def __init__(self, min_interval_s: float) -> None:
+    def __init__(
+        self, min_interval_s: float, growth: float = 0.0, max_interval_s: float | None = None
+    ) -> None:
         self._min_interval_s = min_interval_s
-        self._last_sent: float | None = None
+        self._growth = growth
+        self._max_interval_s = max_interval_s
+        self._first_sent: float | None = None
+        self._last_sent = 0.0
+
+    @classmethod
+    def for_job(cls, settings: Settings, mode: StreamMode) -> EmissionClock:
+        """The clock the settings give a job streamed in ``mode``.
+
+        Only delta streams are capped: a delta chunk costs ~30 bytes of JSON whatever its
+        length, so a cap costs little; a capped cumulative stream re-sends the whole text
+        every cap, which grows with the square of the answer's length again.
+        """
+        cap_ms = settings.stream_delta_max_interval_ms if mode == "delta" else 0.0
+        return cls(
+            settings.stream_min_interval_ms / 1000,
+            growth=settings.stream_interval_growth,
+            max_interval_s=cap_ms / 1000 if cap_ms > 0 else None,
+        )
+
+    def interval(self) -> float:
+        """The gap the next chunk must wait for, after the previous one (seconds)."""
+        first = self._last_sent if self._first_sent is None else self._first_sent
+        age = self._last_sent - first
+        gap = self._growth * age
+        if self._max_interval_s is not None:
+            gap = min(gap, self._max_interval_s)
+        return max(gap, self._min_interval_s)
 
     def should_send(self, now: float) -> bool:
-        if self._last_sent is not None and now - self._last_sent < self._min_interval_s:
+        if self._first_sent is None:
+            self._first_sent = now
+        elif now - self._last_sent < self.interval():
             return False
         self._last_sent = now
         return True

@@ -71,7 +71,7 @@ async def _run(
         echo=job_input.echo,
         mode=job_input.stream_mode,
     )
-    clock = EmissionClock(settings.stream_min_interval_ms / 1000)
+    clock = EmissionClock.for_job(settings, job_input.stream_mode)
     # The engine merges the outputs that come before the clock lets the next chunk go, so
     # that each update here is one chunk (and nothing here runs per token).
     async for update in engine.generate(request, clock.should_send if job_input.stream else None):
