@@ -5,11 +5,16 @@ from anything and a wrongly typed field can wedge its engine core for every late
 request. Ranges mirror vLLM's own checks so that the client reads our message, which
 names the field and the allowed range, instead of an engine error. Unknown keys are
 refused by name: a misspelt ``max_token`` must not silently become the default.
+
+The text comes either as a ``prompt``, sent as is, or as chat ``messages``, which the
+worker renders with the model's chat template (chat.py). A conversation must have the
+shape every Llama 2 chat template and Meta's reference code need: an optional system
+message first, then user and assistant turns alternating, ending with the user's.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,8 +22,10 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from vllm_worker.errors import InvalidInputError
 
@@ -75,24 +82,93 @@ class SamplingParamsInput(_Strict):
         return self
 
 
-class JobInput(_Strict):
-    """A job's ``input``: the prompt, how to sample, and how to stream the result."""
+class ChatMessage(_Strict):
+    """One message of a chat conversation."""
 
-    prompt: str = Field(min_length=1, description="The text to complete, sent as is.")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, content: str) -> str:
+        # Llama 2's format strips every message: a blank one would vanish from the prompt.
+        if not content.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return content
+
+
+class JobInput(_Strict):
+    """A job's ``input``: the prompt or conversation, how to sample, how to stream."""
+
+    prompt: str | None = Field(None, min_length=1, description="The text to complete, as is.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="A chat conversation, rendered by the chat template."
+    )
     sampling_params: SamplingParamsInput = SamplingParamsInput()  # frozen: safe to share
     stream: bool = Field(True, description="False: one final chunk instead of a stream.")
-    echo: bool = Field(True, description="Start each text with the prompt, as the seed does.")
+    echo: bool = Field(
+        True, description="Start each text with the prompt (default for a prompt, not messages)."
+    )
     stream_mode: Literal["cumulative", "delta"] = Field(
         "cumulative",
         description="cumulative: each chunk holds all text so far; delta: only the new text.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_echo_for_messages(cls, data: Any) -> Any:
+        # A chat client wants the answer, not the rendered template: echo defaults to off.
+        if isinstance(data, dict) and "messages" in data and "echo" not in data:
+            return {**data, "echo": False}
+        return data
+
+    @field_validator("messages")
+    @classmethod
+    def _conversation_shape(cls, messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if messages is not None:
+            problem = _conversation_problem([message.role for message in messages])
+            if problem is not None:
+                raise PydanticCustomError("conversation", problem)
+        return messages
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> JobInput:
+        if self.prompt is None and self.messages is None:
+            raise PydanticCustomError(
+                "conversation", "prompt: required (or 'messages' for a chat conversation)"
+            )
+        if self.prompt is not None and self.messages is not None:
+            raise PydanticCustomError(
+                "conversation", "messages: send either 'prompt' or 'messages', not both"
+            )
+        return self
+
+
+def _conversation_problem(roles: list[str]) -> str | None:
+    """What is wrong with the order of a conversation's roles, naming the message."""
+    start = 1 if roles[0] == "system" else 0
+    for index, role in enumerate(roles[start:], start):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if role != expected:
+            rule = (
+                "a system message may only come first"
+                if role == "system"
+                else "after an optional system message, roles alternate user, assistant, user, ..."
+            )
+            return f"messages[{index}].role: must be '{expected}': {rule} (got '{role}')"
+    if roles[-1] != "user":
+        return (
+            f"messages[{len(roles) - 1}].role: the last message must be from the 'user' "
+            f"(got '{roles[-1]}')"
+        )
+    return None
 
 
 def parse_job_input(raw: object, *, max_n: int) -> JobInput:
     """Validate a job's ``input``; every problem is reported in one ``InvalidInputError``."""
     if not isinstance(raw, dict):
         raise InvalidInputError(
-            f"input must be a JSON object with a 'prompt', got {type(raw).__name__}"
+            f"input must be a JSON object with a 'prompt' or 'messages', got {type(raw).__name__}"
         )
     try:
         job_input = JobInput.model_validate(raw)
@@ -109,7 +185,10 @@ def parse_job_input(raw: object, *, max_n: int) -> JobInput:
 def _describe(error: ValidationError) -> str:
     problems: list[str] = []
     for detail in error.errors(include_url=False):
-        path = ".".join(str(part) for part in detail["loc"])
+        path = _path(detail["loc"])
+        if detail["type"] == "conversation":  # our own message, naming its field
+            problems.append(detail["msg"])
+            continue
         if detail["type"] == "extra_forbidden":
             problems.append(f"{path}: unknown field; allowed: {_allowed_fields(detail['loc'])}")
             continue
@@ -119,6 +198,17 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(dict.fromkeys(problems))
 
 
+def _path(location: tuple[int | str, ...]) -> str:
+    """``("messages", 2, "role")`` -> ``messages[2].role``."""
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path
+
+
 def _allowed_fields(location: tuple[int | str, ...]) -> str:
-    model: type[BaseModel] = SamplingParamsInput if location[0] == "sampling_params" else JobInput
-    return ", ".join(model.model_fields)
+    models: dict[int | str, type[BaseModel]] = {
+        "sampling_params": SamplingParamsInput,
+        "messages": ChatMessage,
+    }
+    return ", ".join(models.get(location[0], JobInput).model_fields)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vllm_worker.chat import chat_prompt
 from vllm_worker.engine_types import GenerationRequest
 from vllm_worker.errors import InvalidInputError, job_error
 from vllm_worker.schema import JobInput, parse_job_input
@@ -55,7 +56,13 @@ async def _run(
     job_input: JobInput,
 ) -> AsyncIterator[Chunk]:
     stats = _JobStats(started=time.perf_counter())
-    prompt_token_ids = engine.tokenize(job_input.prompt)
+    if job_input.messages is not None:
+        messages = [message.model_dump() for message in job_input.messages]
+        chat = chat_prompt(settings, engine.tokenizer, messages)
+        prompt, prompt_token_ids = chat.text, chat.token_ids
+    else:
+        prompt = job_input.prompt or ""
+        prompt_token_ids = engine.tokenize(prompt)
     max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
     request = GenerationRequest(
         # Unique even when a job id comes twice (a retried job): vLLM keys requests by id.
@@ -66,7 +73,7 @@ async def _run(
         stream=job_input.stream,
     )
     builder = ChunkBuilder(
-        prompt=job_input.prompt,
+        prompt=prompt,
         n=job_input.sampling_params.n,
         echo=job_input.echo,
         mode=job_input.stream_mode,

@@ -53,7 +53,7 @@ def test_stop_accepts_a_string_or_a_list() -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({}, "prompt: Field required"),
+        ({}, "prompt: required (or 'messages' for a chat conversation)"),
         ({"prompt": ""}, "prompt: String should have at least 1 character"),
         ({"prompt": 42}, "prompt: Input should be a valid string (got 42)"),
         (
@@ -94,14 +94,17 @@ def test_stop_accepts_a_string_or_a_list() -> None:
         ),
         (
             with_params(stop=[1, 2]),
-            "sampling_params.stop.0: Input should be a valid string (got 1)",
+            "sampling_params.stop[0]: Input should be a valid string (got 1)",
         ),
         (with_params(stop=5), "sampling_params.stop: Input should be a valid list (got 5)"),
-        (with_params(stop=[""]), "sampling_params.stop.0: String should have at least 1 character"),
+        (
+            with_params(stop=[""]),
+            "sampling_params.stop[0]: String should have at least 1 character",
+        ),
         (with_params(stop=["x"] * 17), "sampling_params.stop: List should have at most 16 items"),
         (
             with_params(stop_token_ids=[-1]),
-            "sampling_params.stop_token_ids.0: Input should be greater than or equal to 0",
+            "sampling_params.stop_token_ids[0]: Input should be greater than or equal to 0",
         ),
         (
             with_params(ignore_eos="yes"),
@@ -132,7 +135,7 @@ def test_unknown_keys_are_named_never_dropped() -> None:
     assert "allowed: n, temperature" in message
     assert "max_tokens" in message
     top_level = rejected({"prompt": "x", "temprature": 0.5})
-    assert "temprature: unknown field; allowed: prompt, sampling_params" in top_level
+    assert "temprature: unknown field; allowed: prompt, messages, sampling_params" in top_level
 
 
 def test_n_is_capped_by_max_n() -> None:
@@ -149,3 +152,91 @@ def test_input_that_is_not_an_object(raw: Any) -> None:
 def test_long_offending_values_are_shortened_in_the_message() -> None:
     message = rejected(with_params(temperature="x" * 5000))
     assert len(message) < 1000
+
+
+# --- chat messages --------------------------------------------------------------------
+
+USER = {"role": "user", "content": "Hello!"}
+ASSISTANT = {"role": "assistant", "content": "Hi, how can I help?"}
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def chat(*messages: Any, **fields: Any) -> dict[str, Any]:
+    return {"messages": list(messages), **fields}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[USER], [SYSTEM, USER], [USER, ASSISTANT, USER], [SYSTEM, USER, ASSISTANT, USER]],
+)
+def test_conversations_of_llama2s_shape_are_accepted(messages: list[dict[str, str]]) -> None:
+    job = parse({"messages": messages, "sampling_params": {"max_tokens": 5, "n": 2}})
+    assert job.prompt is None
+    assert [message.model_dump() for message in job.messages or []] == messages
+    assert (job.sampling_params.max_tokens, job.sampling_params.n) == (5, 2)
+
+
+def test_echo_is_off_by_default_for_messages_and_on_for_a_prompt() -> None:
+    assert parse(chat(USER)).echo is False
+    assert parse(chat(USER, echo=True)).echo is True
+    assert parse({"prompt": "Hi"}).echo is True
+    assert parse({"prompt": "Hi", "echo": False}).echo is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (chat(), "messages: List should have at least 1 item after validation, not 0"),
+        ({"messages": "Hello"}, "messages: Input should be a valid list (got 'Hello')"),
+        (
+            chat(ASSISTANT, USER),
+            "messages[0].role: must be 'user': after an optional system message, roles "
+            "alternate user, assistant, user, ... (got 'assistant')",
+        ),
+        (chat(USER, USER), "messages[1].role: must be 'assistant': after an optional"),
+        (
+            chat(USER, ASSISTANT, SYSTEM, USER),
+            "messages[2].role: must be 'user': a system message may only come first (got 'system')",
+        ),
+        (chat(SYSTEM, SYSTEM, USER), "messages[1].role: must be 'user': a system message"),
+        (
+            chat(USER, ASSISTANT),
+            "messages[1].role: the last message must be from the 'user' (got 'assistant')",
+        ),
+        (chat(SYSTEM), "messages[0].role: the last message must be from the 'user' (got 'system')"),
+        (
+            chat(USER, {"role": "assistant", "content": ""}, USER),
+            "messages[1].content: must not be empty or only whitespace (got '')",
+        ),
+        (
+            chat({"role": "user", "content": " \n "}),
+            "messages[0].content: must not be empty or only whitespace",
+        ),
+        (
+            chat({"role": "tool", "content": "x"}),
+            "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'tool')",
+        ),
+        (
+            chat({"role": "user", "content": "x", "name": "bob"}),
+            "messages[0].name: unknown field; allowed: role, content",
+        ),
+        (chat({"role": "user"}), "messages[0].content: Field required"),
+        (
+            chat({"role": "user", "content": ["x"]}),
+            "messages[0].content: Input should be a valid string",
+        ),
+        (chat("Hello"), "messages[0]: Input should be a valid dictionary"),
+        (
+            chat(USER, prompt="Hi"),
+            "messages: send either 'prompt' or 'messages', not both",
+        ),
+    ],
+)
+def test_invalid_conversations_name_the_message_and_the_rule(raw: Any, expected: str) -> None:
+    assert expected in rejected(raw)
+
+
+def test_conversation_problems_come_with_the_others_in_one_line() -> None:
+    message = rejected(chat(USER, ASSISTANT, sampling_params={"temperature": 9}))
+    assert "messages[1].role: the last message must be from the 'user'" in message
+    assert "sampling_params.temperature: Input should be less than or equal to 2" in message

@@ -1,0 +1,236 @@
+"""Chat rendering: conversations -> token ids in Llama 2's format (tokenizer only, no engine).
+
+The expected ids are built here the way Meta's reference code builds them
+(llama/generation.py, ``chat_completion``): each exchange encoded on its own, with the
+BOS and EOS ids put around it by hand, never through a chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vllm_worker.chat import (
+    LLAMA2_CHAT_TEMPLATE,
+    chat_prompt,
+    chat_template_for,
+    is_llama2_chat,
+    render_chat,
+)
+from vllm_worker.errors import InvalidInputError
+from vllm_worker.settings import Settings
+from vllm_worker.tiny_model import build_tokenizer
+
+Message = dict[str, str]
+
+SYSTEM = "You are a helpful, respectful and honest assistant.\nAlways answer briefly."
+
+CONVERSATIONS: dict[str, list[Message]] = {
+    "one user message": [{"role": "user", "content": "Hello! How are you today?"}],
+    "system and user": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Write me an essay about the french revolution."},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me about Europe."},
+    ],
+    "system and multi-turn, untrimmed": [
+        {"role": "system", "content": "  " + SYSTEM + "  "},
+        {"role": "user", "content": "  Hello!\n"},
+        {"role": "assistant", "content": "\nHi, how can I help? "},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": " And [INST] 3 + 3? "},
+    ],
+}
+
+# A template of the custom kind: Llama 2's format written from scratch, differently from
+# the tiny tokenizer's own template and from the built-in one.
+CUSTOM_LLAMA2_TEMPLATE = """
+{%- set ns = namespace(system='') -%}
+{%- for m in messages -%}
+  {%- if m.role == 'system' -%}
+    {%- set ns.system = '<<SYS>>\n' ~ m.content ~ '\n<</SYS>>\n\n' -%}
+  {%- elif m.role == 'user' -%}
+    {{- bos_token ~ '[INST] ' ~ (ns.system ~ m.content) | trim ~ ' [/INST]' -}}
+    {%- set ns.system = '' -%}
+  {%- else -%}
+    {{- ' ' ~ m.content | trim ~ ' ' ~ eos_token -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def reference_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Meta's chat_completion: tokens of the Llama 2 chat format, built by hand."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    dialog = [dict(message) for message in messages]
+    if dialog[0]["role"] == "system":
+        first = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
+        dialog = [{"role": "user", "content": first}, *dialog[2:]]
+    ids: list[int] = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False):
+        text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
+        ids += [bos, *encode(text), eos]
+    return [*ids, bos, *encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """The tiny model's tokenizer, with its own (Llama 2) chat template."""
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer() -> Any:
+    """The same tokenizer with its chat template removed, like older Llama 2 snapshots."""
+    bare = build_tokenizer()
+    bare.chat_template = None  # type: ignore[attr-defined]
+    return bare
+
+
+LLAMA2_CHAT = Settings(model_name="meta-llama/Llama-2-7b-chat-hf")
+
+
+def test_reference_is_what_meta_describes(tokenizer: Any) -> None:
+    # The reference itself, on the smallest case, against the format spelled out.
+    ids = reference_ids(tokenizer, CONVERSATIONS["system and user"])
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == (
+        "<s>[INST] <<SYS>>\n" + SYSTEM + "\n<</SYS>>\n\n"
+        "Write me an essay about the french revolution. [/INST]"
+    )
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_tokenizers_own_template_gives_the_reference_ids(tokenizer: Any, name: str) -> None:
+    messages = CONVERSATIONS[name]
+    assert chat_template_for(LLAMA2_CHAT, tokenizer) == tokenizer.chat_template
+    assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == reference_ids(
+        tokenizer, messages
+    )
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_the_built_in_template_gives_the_reference_ids(bare_tokenizer: Any, name: str) -> None:
+    messages = CONVERSATIONS[name]
+    assert chat_template_for(LLAMA2_CHAT, bare_tokenizer) is LLAMA2_CHAT_TEMPLATE
+    rendered = chat_prompt(LLAMA2_CHAT, bare_tokenizer, messages)
+    assert rendered.token_ids == reference_ids(bare_tokenizer, messages)
+    # The text is what the ids decode to: it is what an echo shows.
+    assert bare_tokenizer.decode(rendered.token_ids, skip_special_tokens=False) == rendered.text
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_a_custom_chat_template_gives_the_reference_ids(bare_tokenizer: Any, name: str) -> None:
+    settings = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": CUSTOM_LLAMA2_TEMPLATE})
+    messages = CONVERSATIONS[name]
+    assert chat_prompt(settings, bare_tokenizer, messages).token_ids == reference_ids(
+        bare_tokenizer, messages
+    )
+
+
+def test_a_custom_chat_template_wins_over_the_tokenizers(tokenizer: Any) -> None:
+    template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    settings = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": template})
+    assert chat_template_for(settings, tokenizer) == template
+    rendered = chat_prompt(settings, tokenizer, [{"role": "user", "content": "Hi"}])
+    assert rendered.text == "<s><user>Hi"
+    expected = [tokenizer.bos_token_id, *tokenizer.encode("<user>Hi", add_special_tokens=False)]
+    assert rendered.token_ids == expected
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_one_bos_per_user_turn_never_doubled(bare_tokenizer: Any, name: str) -> None:
+    messages = CONVERSATIONS[name]
+    ids = chat_prompt(LLAMA2_CHAT, bare_tokenizer, messages).token_ids
+    bos, eos = bare_tokenizer.bos_token_id, bare_tokenizer.eos_token_id
+    user_turns = sum(message["role"] == "user" for message in messages)
+    assert ids[0] == bos and ids[1] != bos
+    assert ids.count(bos) == user_turns
+    assert ids.count(eos) == user_turns - 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "meta-llama/Llama-2-7b-chat-hf",
+        "meta-llama/Llama-2-70b-chat-hf",
+        "TheBloke/Llama-2-7B-Chat-AWQ",
+        "/models/llama2_13b_chat",
+    ],
+)
+def test_llama2_chat_models_are_recognised_by_name(bare_tokenizer: Any, name: str) -> None:
+    assert is_llama2_chat(Settings(model_name=name), bare_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "meta-llama/Llama-2-7b-hf",  # the base model: no chat format
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "codellama/CodeLlama-7b-Instruct-hf",
+        "someone/llama-20b-chat",
+        "mistralai/Mistral-7B-Instruct-v0.2",
+    ],
+)
+def test_other_models_have_no_template_and_messages_fail_clearly(
+    bare_tokenizer: Any, name: str
+) -> None:
+    settings = Settings(model_name=name)
+    assert chat_template_for(settings, bare_tokenizer) is None
+    with pytest.raises(InvalidInputError) as raised:
+        chat_prompt(settings, bare_tokenizer, CONVERSATIONS["one user message"])
+    message = str(raised.value)
+    assert message.startswith(f"messages: the model {name} has no chat template")
+    assert "CUSTOM_CHAT_TEMPLATE" in message
+
+
+def test_a_tokenizer_name_can_mark_a_llama2_chat_model(bare_tokenizer: Any) -> None:
+    settings = Settings(
+        model_name="/models/weights", tokenizer_name="meta-llama/Llama-2-7b-chat-hf"
+    )
+    assert chat_template_for(settings, bare_tokenizer) is LLAMA2_CHAT_TEMPLATE
+
+
+def test_a_llama2_name_with_another_tokenizer_is_not_guessed(tokenizer: Any) -> None:
+    other = build_tokenizer()
+    other.chat_template = None  # type: ignore[attr-defined]
+    other.bos_token = "<|begin_of_text|>"  # type: ignore[attr-defined]
+    assert not is_llama2_chat(LLAMA2_CHAT, other)
+    assert chat_template_for(LLAMA2_CHAT, other) is None
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([{"role": "system", "content": "Be brief."}], "Last message must be from user"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "Last message must be from user",
+        ),
+        (
+            [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+            "alternating (u/a/u/a/u...)",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "alternating (u/a/u/a/u...)",
+        ),
+    ],
+)
+def test_the_built_in_template_refuses_what_meta_refuses(
+    bare_tokenizer: Any, messages: list[Message], reason: str
+) -> None:
+    # The OpenAI route renders with this template without the job schema's checks.
+    with pytest.raises(InvalidInputError) as raised:
+        render_chat(messages, LLAMA2_CHAT_TEMPLATE, bare_tokenizer, "m")
+    assert str(raised.value).startswith("messages: the chat template refused it: ")
+    assert reason in str(raised.value)
