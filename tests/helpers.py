@@ -48,3 +48,23 @@ def group_members(pgid: int) -> list[str]:
             command = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
             members.append(f"{entry.name} {command[:100]}")
     return members
+
+
+def llama2_reference_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Llama 2's chat format as Meta's reference code builds it (llama/generation.py,
+    ``chat_completion``), by hand: the system message folded into the first user message,
+    each exchange encoded on its own with explicit BOS/EOS ids, no chat template."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    dialog = [dict(message) for message in messages]
+    if dialog[0]["role"] == "system":
+        first = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
+        dialog = [{"role": "user", "content": first}, *dialog[2:]]
+    ids: list[int] = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False):
+        text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
+        ids += [bos, *encode(text), eos]
+    return [*ids, bos, *encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")]

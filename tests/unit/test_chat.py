@@ -1,8 +1,8 @@
 """Chat rendering: conversations -> token ids in Llama 2's format (tokenizer only, no engine).
 
-The expected ids are built here the way Meta's reference code builds them
-(llama/generation.py, ``chat_completion``): each exchange encoded on its own, with the
-BOS and EOS ids put around it by hand, never through a chat template.
+The expected ids are built the way Meta's reference code builds them (llama/generation.py,
+``chat_completion``; ``helpers.llama2_reference_ids``): each exchange encoded on its own,
+with the BOS and EOS ids put around it by hand, never through a chat template.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from helpers import llama2_reference_ids as reference_ids
 from vllm_worker.chat import (
     LLAMA2_CHAT_TEMPLATE,
     chat_prompt,
@@ -62,24 +63,6 @@ CUSTOM_LLAMA2_TEMPLATE = """
   {%- endif -%}
 {%- endfor -%}
 """
-
-
-def reference_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
-    """Meta's chat_completion: tokens of the Llama 2 chat format, built by hand."""
-
-    def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    dialog = [dict(message) for message in messages]
-    if dialog[0]["role"] == "system":
-        first = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
-        dialog = [{"role": "user", "content": first}, *dialog[2:]]
-    ids: list[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2], strict=False):
-        text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
-        ids += [bos, *encode(text), eos]
-    return [*ids, bos, *encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")]
 
 
 @pytest.fixture(scope="module")
