@@ -27,6 +27,7 @@ doubled, and a template that writes none gets none.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from typing import Any
 
 from vllm_worker.errors import InvalidInputError
 from vllm_worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Llama 2's chat format as Meta's reference code builds it (llama/generation.py,
 # ``chat_completion``): an optional system message folded into the first user message
@@ -102,6 +105,22 @@ def chat_template_for(settings: Settings, tokenizer: Any) -> str | None:
     if is_llama2_chat(settings, tokenizer):
         return LLAMA2_CHAT_TEMPLATE
     return None
+
+
+def log_chat_template(settings: Settings, tokenizer: Any) -> None:
+    """Say at start-up which template chat input will use, or that there is none."""
+    if settings.custom_chat_template is not None:
+        log.info("chat template: CUSTOM_CHAT_TEMPLATE")
+    elif _tokenizer_template(tokenizer) is not None:
+        log.info("chat template: the tokenizer's own")
+    elif is_llama2_chat(settings, tokenizer):
+        log.info("chat template: the built-in Llama 2 chat format (the tokenizer has none)")
+    else:
+        log.warning(
+            "chat template: none (the tokenizer has none and %s is not a Llama 2 chat model): "
+            "'messages' jobs will fail; set CUSTOM_CHAT_TEMPLATE to serve them",
+            settings.model_name,
+        )
 
 
 def render_chat(

@@ -105,13 +105,16 @@ def _serve(settings: Settings) -> int:
 
 def start_engine(settings: Settings) -> Engine | None:
     """The started engine, or None after logging why it could not start."""
+    from vllm_worker.chat import log_chat_template
     from vllm_worker.engine import Engine
 
     log.info(
         "starting the engine: %s, max_model_len=%d", settings.model_name, settings.max_model_len
     )
     try:
-        return Engine.start(settings)
+        engine = Engine.start(settings)
+        log_chat_template(settings, engine.tokenizer)
+        return engine
     except SettingsError as error:
         log.error("cannot start: %s", error)
     except Exception:

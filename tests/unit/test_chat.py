@@ -17,6 +17,7 @@ from vllm_worker.chat import (
     chat_prompt,
     chat_template_for,
     is_llama2_chat,
+    log_chat_template,
     render_chat,
 )
 from vllm_worker.errors import InvalidInputError
@@ -217,3 +218,22 @@ def test_the_built_in_template_refuses_what_meta_refuses(
         render_chat(messages, LLAMA2_CHAT_TEMPLATE, bare_tokenizer, "m")
     assert str(raised.value).startswith("messages: the chat template refused it: ")
     assert reason in str(raised.value)
+
+
+def test_start_up_says_which_template_chat_input_uses(
+    tokenizer: Any, bare_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="vllm_worker.chat")
+    custom = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": "{{ messages }}"})
+    log_chat_template(custom, tokenizer)
+    log_chat_template(LLAMA2_CHAT, tokenizer)
+    log_chat_template(LLAMA2_CHAT, bare_tokenizer)
+    log_chat_template(Settings(model_name="meta-llama/Llama-2-7b-hf"), bare_tokenizer)
+    assert [record.getMessage() for record in caplog.records][:3] == [
+        "chat template: CUSTOM_CHAT_TEMPLATE",
+        "chat template: the tokenizer's own",
+        "chat template: the built-in Llama 2 chat format (the tokenizer has none)",
+    ]
+    last = caplog.records[3]
+    assert last.levelname == "WARNING"
+    assert "'messages' jobs will fail; set CUSTOM_CHAT_TEMPLATE" in last.getMessage()
