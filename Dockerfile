@@ -11,14 +11,17 @@
 #                                                      as vLLM does)
 #   QUANTIZATION        vLLM quantization, e.g. awq    default empty (= none)
 #   BAKE_MODEL          1: download the model into the image now and run offline;
-#                       0: the worker downloads it when it starts   default 1
+#                       0: the worker downloads it when it starts   default 0
 # All but BAKE_MODEL become the worker's ENV defaults (MODEL_NAME, MODEL_REVISION, ...);
 # the endpoint's environment variables override them at run time.
 #
-# Hugging Face token (gated models such as Llama 2): a BuildKit secret, mounted as a file
-# for the download step only; it is never in a layer, an ENV, a build argument or the
-# build log:
-#   docker buildx build --secret id=hf_token,env=HF_TOKEN -t you/vllm-worker:llama2 .
+# BAKE_MODEL is 0 by default because the RunPod Hub builds this file with its default
+# arguments and no secret, and Llama 2 is gated: a default build must need no token. The
+# README's build command bakes. Hugging Face token (gated models such as Llama 2): a
+# BuildKit secret, mounted as a file for the download step only; it is never in a layer,
+# an ENV, a build argument or the build log:
+#   docker buildx build --build-arg BAKE_MODEL=1 --secret id=hf_token,env=HF_TOKEN \
+#       -t you/vllm-worker:llama2 .
 #
 # A baked model lives in /models, a Hugging Face cache (HF_HUB_CACHE), with
 # /models/manifest.json describing it. MODEL_NAME stays the public repo id: with
@@ -59,7 +62,7 @@ ARG MODEL_REVISION=""
 ARG TOKENIZER_NAME=""
 # hadolint ignore=DL3064
 ARG TOKENIZER_REVISION=""
-ARG BAKE_MODEL=1
+ARG BAKE_MODEL=0
 ENV HF_HUB_CACHE=/models
 RUN --mount=type=secret,id=hf_token,required=false \
     case "${BAKE_MODEL}" in \

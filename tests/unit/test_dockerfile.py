@@ -29,7 +29,9 @@ DOCUMENTED_ARGS = {
     "TOKENIZER_NAME": "",
     "TOKENIZER_REVISION": "",
     "QUANTIZATION": "",
-    "BAKE_MODEL": "1",
+    # 0: the RunPod Hub builds with the default arguments and no secret (README: the
+    # baking build passes BAKE_MODEL=1 and the token).
+    "BAKE_MODEL": "0",
 }
 
 
@@ -295,3 +297,15 @@ def test_hadolint_passes() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readmes_build_command_bakes_and_passes_the_token_as_a_secret() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    builds = [
+        " ".join(block.split())
+        for block in re.findall(r"^docker buildx build .*?(?:\n\n|```)", readme, re.M | re.S)
+    ]
+    baking = [build for build in builds if "BAKE_MODEL=1" in build]
+    assert baking, "the README builds a baked image"
+    for build in baking:
+        assert "--secret id=hf_token,env=HF_TOKEN" in build, build

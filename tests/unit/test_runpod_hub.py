@@ -1,4 +1,4 @@
-"""The RunPod Hub files, ``.runpod/hub.json`` and ``.runpod/tests.json``.
+"""The RunPod Hub files: ``.runpod/hub.json``, ``.runpod/tests.json``, ``.runpod/handler.py``.
 
 Checked against RunPod's Hub publishing guide (docs.runpod.io/hub/publishing-guide: the
 fields, which are required, their types and allowed values) and against the worker
@@ -9,8 +9,11 @@ test job passes the worker's input validation.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import urlsplit
@@ -279,3 +282,44 @@ def test_the_test_job_is_the_seed_request_made_short_and_passes_validation(
         sampling = dict(case["input"]["sampling_params"])
         assert 1 <= sampling.pop("max_tokens") <= 64
         assert sampling == {k: v for k, v in seed["sampling_params"].items() if k != "max_tokens"}
+
+
+# --- the files the Hub looks for ----------------------------------------------------------------
+
+
+def test_the_hub_finds_a_handler_a_dockerfile_and_a_readme() -> None:
+    # The guide: handler.py, Dockerfile and README.md in .runpod/ or the root; .runpod/
+    # wins. No .runpod/Dockerfile or README.md: the Hub builds and shows the root ones.
+    for name in ("handler.py", "Dockerfile", "README.md"):
+        assert (REPO_ROOT / ".runpod" / name).is_file() or (REPO_ROOT / name).is_file(), name
+    assert not (REPO_ROOT / ".runpod" / "Dockerfile").exists()
+    assert not (REPO_ROOT / ".runpod" / "README.md").exists()
+
+
+def code_of(path: Path) -> str:
+    """The module's code without its docstring (comments are not in the tree)."""
+    body = ast.parse(path.read_text()).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return ast.dump(ast.Module(body=body, type_ignores=[]))
+
+
+def test_the_hubs_handler_is_the_workers_entry_script_and_nothing_more() -> None:
+    assert code_of(REPO_ROOT / ".runpod" / "handler.py") == code_of(
+        REPO_ROOT / "src" / "handler.py"
+    )
+
+
+def test_the_hubs_handler_runs_the_worker(tmp_path: Path) -> None:
+    # Bad input fails before anything loads: the worker's own message and exit code.
+    job = '{"input": {"prompt": "x", "sampling_params": {"temperature": 9}}}'
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / ".runpod" / "handler.py"), "--test_input", job],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Job failed: invalid_input: sampling_params.temperature:" in result.stderr
