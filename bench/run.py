@@ -1,4 +1,4 @@
-"""Benchmark: the worker's handler against the raw vLLM engine, in one process.
+"""Benchmark: the worker's handler against the raw vLLM engine, in process and over HTTP.
 
 Usage (from the repository root)::
 
@@ -13,12 +13,17 @@ exactly ``--max-tokens`` tokens), in these modes:
 
 - ``raw``: ``engine.async_llm.generate(TokensPrompt, SamplingParams(output_kind=DELTA))``,
   consumed directly: what vLLM gives a caller that does nothing with its outputs.
-- ``handler-<stream_mode>-<interval>ms``: the worker's handler (``make_handler``), called as
-  the runpod SDK calls it: per job, iterate the async generator and, for every chunk, do the
-  SDK's per-chunk work (two debug f-strings of the chunk, ``json.dumps`` of the post body),
-  then ``json.dumps`` the aggregate at the end (``return_aggregate_stream``). Cumulative and
-  delta streams, at the default ``STREAM_MIN_INTERVAL_MS`` and at 0 (one chunk per engine
-  output). No HTTP: the SDK's POST per chunk is not included (see ``ENDPOINT MODE`` below).
+- ``handler-<stream_mode>``: the worker's handler (``make_handler``), called as the runpod
+  SDK calls it: per job, iterate the async generator and, for every chunk, do the SDK's
+  per-chunk work (two debug f-strings of the chunk, ``json.dumps`` of the post body), then
+  ``json.dumps`` the aggregate at the end (``return_aggregate_stream``). Cumulative and
+  delta streams at the default coalescing, and ``-0ms``: one chunk per engine output. No
+  HTTP: the SDK's POST per chunk is not included (the endpoint mode has it).
+- ``endpoint-<stream_mode>`` (after the engine above stops; ``--no-endpoint`` skips it):
+  ``python -m vllm_worker.local_endpoint`` with its worker in production mode (a second
+  engine, default coalescing), and C HTTP clients that ``POST /run`` and poll
+  ``/stream/<id>`` (``bench/endpoint.py``). Times as the client sees them; bytes are the
+  HTTP bodies of the job's requests and replies; ratios against the in-process ``raw``.
 
 Each (concurrency, mode) cell runs ``--repeats`` times, modes interleaved (raw, handler...,
 then in reverse order), and reports the best of its runs: the highest tokens/s and the
@@ -30,11 +35,13 @@ stream post bodies; for ``raw``, ``{"output": {"text": [delta]}}`` per engine ou
 the ratio handler/raw for tokens/s and time to first chunk.
 
 A second table measures bytes per job for a 512-token answer (``--bytes-max-tokens``) at
-the default interval and at longer ones, for the issue's byte targets.
+the default coalescing, the previous default (a fixed 50 ms) and other
+``STREAM_INTERVAL_GROWTH`` values (``--bytes-growths``), for the issue's byte targets.
 
 Results: a table on stdout, ``<output>/<date>-<label>.json`` and ``.png`` (throughput and
 time to first chunk p50 vs concurrency), the worker's log in ``.log``. The cold start
-(``bench/cold_start.py``) runs last, in a fresh process, unless ``--no-cold-start``.
+(``bench/cold_start.py``) runs last, in a fresh process, unless ``--no-cold-start``; the
+endpoint's log goes to ``-endpoint.log``.
 """
 
 from __future__ import annotations
@@ -91,18 +98,60 @@ log = logging.getLogger("bench")
 
 
 @dataclass(frozen=True)
+class Clock:
+    """The coalescing settings of a handler (``streaming.EmissionClock``)."""
+
+    min_interval_ms: float
+    growth: float = 0.0
+    delta_max_interval_ms: float = 0.0
+
+    @classmethod
+    def default(cls) -> Clock:
+        from vllm_worker.settings import Settings
+
+        fields = Settings.model_fields
+        return cls(
+            min_interval_ms=fields["stream_min_interval_ms"].default,
+            growth=fields["stream_interval_growth"].default,
+            delta_max_interval_ms=fields["stream_delta_max_interval_ms"].default,
+        )
+
+    def settings_update(self) -> dict[str, float]:
+        return {
+            "stream_min_interval_ms": self.min_interval_ms,
+            "stream_interval_growth": self.growth,
+            "stream_delta_max_interval_ms": self.delta_max_interval_ms,
+        }
+
+
+EVERY_OUTPUT = Clock(0.0)  # a chunk per engine output
+
+
+@dataclass(frozen=True)
 class Mode:
-    """How jobs are run: the raw engine, or the handler with a stream mode and interval."""
+    """How jobs are run: the raw engine, or the handler with a stream mode and a clock."""
 
     kind: str  # "raw" or "handler"
     stream_mode: str = "cumulative"
-    interval_ms: float = 0.0
+    clock: Clock = EVERY_OUTPUT
 
     @property
     def name(self) -> str:
+        """``raw``; ``handler-<stream mode>`` at the default settings, else with the clock:
+        ``-<ms>ms`` for a fixed interval, ``-growth<k>`` (and the delta cap) for others."""
         if self.kind == "raw":
             return "raw"
-        return f"handler-{self.stream_mode}-{self.interval_ms:g}ms"
+        name = f"handler-{self.stream_mode}"
+        clock = self.clock
+        if clock == Clock.default():
+            return name
+        if clock.growth == 0:
+            return f"{name}-{clock.min_interval_ms:g}ms"
+        name += f"-growth{clock.growth:g}"
+        if self.stream_mode == "delta":
+            cap = clock.delta_max_interval_ms
+            name += f"-cap{cap:g}ms" if cap else "-nocap"
+        return name
 
 
 @dataclass
@@ -117,6 +166,9 @@ class JobTrace:
     final_text_bytes: int = 0
     # raw mode keeps its deltas to count bytes after the cell, outside the timed loop
     deltas: list[str] = field(default_factory=list)
+    # endpoint mode: chunks received (one poll can bring several) and HTTP requests made
+    chunks: int | None = None
+    requests: int = 0
 
 
 @dataclass
@@ -127,16 +179,16 @@ class Bench:
     settings: Settings
     prompts: list[str]
     prompt_token_ids: list[list[int]]
-    handlers: dict[float, Handler] = field(default_factory=dict)
+    handlers: dict[Clock, Handler] = field(default_factory=dict)
     run_number: itertools.count[int] = field(default_factory=itertools.count)
 
-    def handler(self, interval_ms: float) -> Handler:
-        if interval_ms not in self.handlers:
+    def handler(self, clock: Clock) -> Handler:
+        if clock not in self.handlers:
             from vllm_worker.worker import make_handler
 
-            settings = self.settings.model_copy(update={"stream_min_interval_ms": interval_ms})
-            self.handlers[interval_ms] = make_handler(self.engine, settings)
-        return self.handlers[interval_ms]
+            settings = self.settings.model_copy(update=clock.settings_update())
+            self.handlers[clock] = make_handler(self.engine, settings)
+        return self.handlers[clock]
 
 
 def sampling_params_input(max_tokens: int) -> dict[str, Any]:
@@ -168,7 +220,7 @@ async def raw_job(bench: Bench, index: int, max_tokens: int, tag: str) -> JobTra
 
 
 async def handler_job(bench: Bench, index: int, max_tokens: int, tag: str, mode: Mode) -> JobTrace:
-    handler = bench.handler(mode.interval_ms)
+    handler = bench.handler(mode.clock)
     job = {
         "id": f"{tag}-{index}",
         "input": {
@@ -246,7 +298,11 @@ def summarize(traces: Sequence[JobTrace], wall_s: float, cpu_s: float) -> dict[s
         "cpu_us_per_token": cpu_s * 1e6 / tokens,
         "ttft_ms": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
         "gap_ms": {"p50": percentile(gaps, 50), "p95": percentile(gaps, 95)},
-        "chunks_per_job": sum(len(trace.chunk_times) for trace in traces) / jobs,
+        "chunks_per_job": sum(
+            len(trace.chunk_times) if trace.chunks is None else trace.chunks for trace in traces
+        )
+        / jobs,
+        "requests_per_job": sum(trace.requests for trace in traces) / jobs,
         "bytes_per_job": stream_bytes / jobs,
         "aggregate_bytes_per_job": sum(trace.aggregate_bytes for trace in traces) / jobs,
         "final_text_bytes_per_job": final_text_bytes / jobs,
@@ -291,6 +347,16 @@ def best_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def versus(best: dict[str, Any], raw: dict[str, Any]) -> dict[str, float]:
+    """A cell's figures over (or minus) the raw engine's at the same concurrency."""
+    return {
+        "tokens_per_s_ratio": best["tokens_per_s"] / raw["tokens_per_s"],
+        "ttft_p50_ratio": best["ttft_ms"]["p50"] / raw["ttft_ms"]["p50"],
+        "ttft_p50_delta_ms": best["ttft_ms"]["p50"] - raw["ttft_ms"]["p50"],
+        "cpu_us_per_token_delta": best["cpu_us_per_token"] - raw["cpu_us_per_token"],
+    }
+
+
 # ------------------------------------------------------------------------ the grid
 
 
@@ -300,22 +366,45 @@ class Plan:
     max_tokens: int
     repeats: int
     min_jobs: int
-    default_interval_ms: float
+    default_clock: Clock
     bytes_max_tokens: int
-    bytes_intervals_ms: tuple[float, ...]
+    bytes_growths: tuple[float, ...]
+    endpoint: bool = True
+    poll_interval_ms: float = 50.0
 
     def jobs(self, concurrency: int) -> int:
         return max(concurrency, self.min_jobs)
 
     def grid_modes(self) -> list[Mode]:
-        default = self.default_interval_ms
+        default = self.default_clock
         return [
             Mode("raw"),
             Mode("handler", "cumulative", default),
             Mode("handler", "delta", default),
-            Mode("handler", "cumulative", 0.0),
-            Mode("handler", "delta", 0.0),
+            Mode("handler", "cumulative", EVERY_OUTPUT),
+            Mode("handler", "delta", EVERY_OUTPUT),
         ]
+
+    def bytes_modes(self) -> list[Mode]:
+        """The defaults, the previous default (a fixed 50 ms) and the alternatives weighed."""
+        default = self.default_clock
+        fixed = Clock(default.min_interval_ms)
+        modes = [
+            Mode("handler", "cumulative", default),
+            Mode("handler", "delta", default),
+            Mode("handler", "cumulative", fixed),
+            Mode("handler", "delta", fixed),
+        ]
+        if self.bytes_growths:
+            modes.append(
+                Mode("handler", "delta", dataclasses.replace(default, delta_max_interval_ms=0))
+            )
+        for growth in self.bytes_growths:
+            if growth != default.growth:
+                modes.append(
+                    Mode("handler", "cumulative", dataclasses.replace(default, growth=growth))
+                )
+        return modes
 
 
 def progress(message: str) -> None:
@@ -346,16 +435,10 @@ async def run_grid(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
                     "mode": mode.name,
                     "kind": mode.kind,
                     "stream_mode": mode.stream_mode if mode.kind == "handler" else None,
-                    "interval_ms": mode.interval_ms if mode.kind == "handler" else None,
+                    "clock": dataclasses.asdict(mode.clock) if mode.kind == "handler" else None,
                     "concurrency": concurrency,
                     **best,
-                    "vs_raw": {
-                        "tokens_per_s_ratio": best["tokens_per_s"] / raw["tokens_per_s"],
-                        "ttft_p50_ratio": best["ttft_ms"]["p50"] / raw["ttft_ms"]["p50"],
-                        "ttft_p50_delta_ms": best["ttft_ms"]["p50"] - raw["ttft_ms"]["p50"],
-                        "cpu_us_per_token_delta": best["cpu_us_per_token"]
-                        - raw["cpu_us_per_token"],
-                    },
+                    "vs_raw": versus(best, raw),
                     "runs": runs[mode.name],
                 }
             )
@@ -363,13 +446,10 @@ async def run_grid(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
 
 
 async def run_bytes(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
-    """Bytes per job of a ``bytes_max_tokens`` answer, per stream mode and interval."""
-    intervals = sorted({plan.default_interval_ms, *plan.bytes_intervals_ms})
-    modes = [Mode("handler", "delta", plan.default_interval_ms)]
-    modes += [Mode("handler", "cumulative", interval) for interval in intervals]
+    """Bytes per job of a ``bytes_max_tokens`` answer, per stream mode and clock."""
     results = []
     for concurrency in plan.concurrency:
-        for mode in modes:
+        for mode in plan.bytes_modes():
             run = await run_cell(bench, mode, concurrency, concurrency, plan.bytes_max_tokens)
             progress(
                 f"  bytes c={concurrency:<3} {mode.name:<30} {run['bytes_over_final_text']:6.2f}x"
@@ -379,7 +459,7 @@ async def run_bytes(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
                 {
                     "mode": mode.name,
                     "stream_mode": mode.stream_mode,
-                    "interval_ms": mode.interval_ms,
+                    "clock": dataclasses.asdict(mode.clock),
                     "concurrency": concurrency,
                     "max_tokens": plan.bytes_max_tokens,
                     **run,
@@ -388,14 +468,90 @@ async def run_bytes(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
     return results
 
 
-# TODO(issue 7, ENDPOINT MODE): the same prompts through the local endpoint
-# (``python -m vllm_worker.local_endpoint``), polling as a RunPod client does: POST /run,
-# then GET /stream/<id> until COMPLETED, timing the first chunk and each chunk as the
-# client sees them. It runs the worker in its own process (production mode, the SDK's
-# HTTP posts included), so it needs its own engine: start it after ``engine.shutdown()``
-# in ``main`` below, add its rows to ``report["results"]`` with ``"mode": "endpoint-..."``
-# and ``"kind": "endpoint"`` (the table, the targets and the plot take any mode), and
-# compare them with the in-process rows of the same concurrency.
+ENDPOINT_STREAM_MODES = ("cumulative", "delta")
+
+
+def endpoint_module() -> Any:
+    return bench_module("endpoint.py")
+
+
+async def run_endpoint_grid(
+    url: str, plan: Plan, prompts: Sequence[str], raw_rows: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The grid's concurrencies through the local endpoint, per stream mode, vs raw."""
+    endpoint = endpoint_module()
+    poll_s = plan.poll_interval_ms / 1000
+
+    def job_inputs(jobs: int, max_tokens: int, stream_mode: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "prompt": prompts[index],
+                "sampling_params": sampling_params_input(max_tokens),
+                "stream_mode": stream_mode,
+            }
+            for index in range(jobs)
+        ]
+
+    top = max(plan.concurrency)
+    await endpoint.run_cell(url, job_inputs(top, 8, "delta"), top, poll_s)  # warm-up
+    results = []
+    for concurrency in plan.concurrency:
+        raw = _row(raw_rows, "raw", concurrency)
+        for stream_mode in ENDPOINT_STREAM_MODES:
+            runs = []
+            for repeat in range(plan.repeats):
+                inputs = job_inputs(plan.jobs(concurrency), plan.max_tokens, stream_mode)
+                cpu_started = time.process_time()
+                traces, wall_s = await endpoint.run_cell(url, inputs, concurrency, poll_s)
+                cpu_s = time.process_time() - cpu_started
+                run = summarize([as_job_trace(trace) for trace in traces], wall_s, cpu_s)
+                for trace in traces:
+                    if trace.tokens != plan.max_tokens:
+                        raise RuntimeError(f"endpoint: a job generated {trace.tokens} tokens")
+                runs.append(run)
+                progress(
+                    f"  c={concurrency:<3} endpoint-{stream_mode:<19} run {repeat + 1}: "
+                    f"{run['tokens_per_s']:8.0f} tok/s, ttft p50 {run['ttft_ms']['p50']:7.1f} ms"
+                )
+            best = best_of(runs)
+            results.append(
+                {
+                    "mode": f"endpoint-{stream_mode}",
+                    "kind": "endpoint",
+                    "stream_mode": stream_mode,
+                    "clock": dataclasses.asdict(plan.default_clock),
+                    "poll_interval_ms": plan.poll_interval_ms,
+                    "concurrency": concurrency,
+                    **best,
+                    "vs_raw": versus(best, raw) if raw is not None else None,
+                    "runs": runs,
+                }
+            )
+    return results
+
+
+def as_job_trace(trace: Any) -> JobTrace:
+    """An ``endpoint.EndpointTrace`` as the in-process cells' trace (bytes: on the wire)."""
+    return JobTrace(
+        started=trace.started,
+        chunk_times=trace.arrivals,
+        tokens=trace.tokens,
+        stream_bytes=trace.wire_bytes,
+        final_text_bytes=trace.final_text_bytes,
+        chunks=trace.chunks,
+        requests=trace.requests,
+    )
+
+
+def run_endpoint(
+    plan: Plan, worker_env: dict[str, str], results: Sequence[dict[str, Any]], log_path: Path
+) -> list[dict[str, Any]]:
+    """Start the local endpoint and its worker, run the endpoint grid, stop them."""
+    progress("starting the local endpoint and its worker (a second engine):")
+    prompts = job_prompts(max(plan.jobs(concurrency) for concurrency in plan.concurrency))
+    with endpoint_module().running_endpoint(worker_env, log_path) as url:
+        progress(f"measuring through the local endpoint ({url}):")
+        return asyncio.run(run_endpoint_grid(url, plan, prompts, results))
 
 
 # ---------------------------------------------------------------- targets, report
@@ -410,7 +566,7 @@ def _row(rows: Sequence[dict[str, Any]], mode: str, concurrency: int) -> dict[st
 
 def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """The issue's targets, each with the measured value and whether it is met."""
-    results, default = report["results"], plan.default_interval_ms
+    results, default = report["results"], plan.default_clock
     top = max(plan.concurrency)
     handler_default = Mode("handler", "cumulative", default).name
     targets: dict[str, Any] = {}
@@ -447,7 +603,7 @@ def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
         }
         targets[f"{stream_mode}_bytes_over_final_text"] = {
             "max_tokens": plan.bytes_max_tokens,
-            "interval_ms": default,
+            "clock": dataclasses.asdict(default),
             "value": ratios,
             "target": f"<= {limit}",
             "met": bool(ratios) and all(ratio <= limit for ratio in ratios.values()),
@@ -480,6 +636,24 @@ def format_grid(results: Sequence[dict[str, Any]]) -> str:
             f"{row['chunks_per_job']:>6.1f} {row['bytes_per_job']:>9.0f} "
             f"{row['bytes_over_final_text']:>6.2f} {row['cpu_us_per_token']:>10.1f} "
             f"{vs_raw['cpu_us_per_token_delta']:>+6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def format_endpoint(rows: Sequence[dict[str, Any]]) -> str:
+    header = (
+        f"{'conc':>4} {'mode':<20} {'tok/s':>7} {'x raw':>6} {'ttft p50':>8} {'p95':>7} "
+        f"{'+raw':>7} {'chunks':>6} {'requests':>8} {'bytes/job':>9} {'x text':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        vs_raw = row["vs_raw"]
+        lines.append(
+            f"{row['concurrency']:>4} {row['mode']:<20} {row['tokens_per_s']:>7.0f} "
+            f"{vs_raw['tokens_per_s_ratio']:>6.3f} {row['ttft_ms']['p50']:>8.1f} "
+            f"{row['ttft_ms']['p95']:>7.1f} {vs_raw['ttft_p50_delta_ms']:>+7.1f} "
+            f"{row['chunks_per_job']:>6.1f} {row['requests_per_job']:>8.1f} "
+            f"{row['bytes_per_job']:>9.0f} {row['bytes_over_final_text']:>6.2f}"
         )
     return "\n".join(lines)
 
@@ -523,12 +697,22 @@ def format_report(report: dict[str, Any]) -> str:
         "raw's; '+raw' = minus raw's; bytes = the SDK's stream post bodies per job; "
         "cpu = this process's CPU time per output token",
         "",
-        format_grid(report["results"]),
+        format_grid([row for row in report["results"] if row["kind"] != "endpoint"]),
         "",
         f"bytes per job, {parameters['bytes_max_tokens']}-token answers "
         "('x text' = stream bytes over the final text; aggregate = the SDK's final post):",
         format_bytes(report["bytes"]),
     ]
+    endpoint_rows = [row for row in report["results"] if row["kind"] == "endpoint"]
+    if endpoint_rows:
+        parts += [
+            "",
+            f"through the local endpoint (HTTP; a client polls /stream, again at once after "
+            f"chunks, after {parameters['poll_interval_ms']:g} ms after an empty reply; ttft as "
+            "the client sees it; bytes = HTTP bodies per job; x raw, +raw: against the "
+            "in-process raw engine):",
+            format_endpoint(endpoint_rows),
+        ]
     if report.get("cold_start"):
         parts += ["", cold_start_module().format_report(report["cold_start"])]
     parts += ["", "targets (issue 7):", format_targets(report["targets"])]
@@ -639,7 +823,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-jobs", type=int, default=8, help="jobs per cell at least")
     parser.add_argument("--bytes-max-tokens", type=int, default=512)
     parser.add_argument(
-        "--bytes-intervals", default="250,1000", help="extra STREAM_MIN_INTERVAL_MS (ms)"
+        "--bytes-growths",
+        default="0.5,1",
+        help="other STREAM_INTERVAL_GROWTH values for the bytes table (cumulative streams)",
+    )
+    parser.add_argument(
+        "--no-endpoint", action="store_true", help="skip the HTTP runs (the local endpoint)"
+    )
+    parser.add_argument(
+        "--poll-interval-ms",
+        type=float,
+        default=50.0,
+        help="endpoint mode: a client's wait before polling /stream again after an empty reply",
     )
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1,4; 32 tokens")
     parser.add_argument("--no-cold-start", action="store_true")
@@ -649,7 +844,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.max_tokens, args.min_jobs = "1,4", 32, 4
-        args.bytes_max_tokens, args.bytes_intervals = 64, ""
+        args.bytes_max_tokens, args.bytes_growths, args.repeats = 64, "", 1
     return args
 
 
@@ -667,6 +862,11 @@ def engine_settings(args: argparse.Namespace, model: str, tiny: bool) -> dict[st
     if kv_cache_bytes:
         env["KV_CACHE_MEMORY_BYTES"] = str(kv_cache_bytes)
     return env
+
+
+def job_prompts(jobs: int) -> list[str]:
+    """The seed's prompt, made distinct per job (no prefix-cache hits across jobs' ends)."""
+    return [f"{SEED_PROMPT}Variant {index}." for index in range(jobs)]
 
 
 def parse_numbers(text: str, kind: Callable[[str], Any]) -> list[Any]:
@@ -690,7 +890,7 @@ async def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
         # Warm-up: the first requests pay for lazy initialisation in vLLM and the tokenizer.
         top = max(plan.concurrency)
         await run_cell(bench, Mode("raw"), top, top, 8)
-        await run_cell(bench, Mode("handler", "delta", 0.0), top, top, 8)
+        await run_cell(bench, Mode("handler", "delta", EVERY_OUTPUT), top, top, 8)
         progress("measuring throughput and latency:")
         results = await run_grid(bench, plan)
         progress(f"measuring bytes per job ({plan.bytes_max_tokens}-token answers):")
@@ -701,12 +901,17 @@ async def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
 
 
 def cold_start_module() -> Any:
-    """``bench/cold_start.py``, loaded by path (this file also runs as ``bench/run.py``)."""
+    return bench_module("cold_start.py")
+
+
+def bench_module(file_name: str) -> Any:
+    """A module of ``bench/``, loaded by path (this file also runs as ``bench/run.py``)."""
     spec = importlib.util.spec_from_file_location(
-        "bench_cold_start", Path(__file__).with_name("cold_start.py")
+        f"bench_{Path(file_name).stem}", Path(__file__).with_name(file_name)
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -721,9 +926,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_tokens=args.max_tokens,
         repeats=args.repeats,
         min_jobs=args.min_jobs,
-        default_interval_ms=Settings.model_fields["stream_min_interval_ms"].default,
+        default_clock=Clock.default(),
         bytes_max_tokens=args.bytes_max_tokens,
-        bytes_intervals_ms=tuple(parse_numbers(args.bytes_intervals, float)),
+        bytes_growths=tuple(parse_numbers(args.bytes_growths, float)),
+        endpoint=not args.no_endpoint,
+        poll_interval_ms=args.poll_interval_ms,
     )
     today = datetime.datetime.now(datetime.timezone.utc)
     label = args.label or (
@@ -749,6 +956,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             today=today,
             log_path=stem.with_suffix(".log"),
         )
+        if plan.endpoint:
+            endpoint_log = stem.with_name(stem.name + "-endpoint.log")
+            report["results"] += run_endpoint(plan, worker_env, report["results"], endpoint_log)
         if not args.no_cold_start:
             progress("measuring the cold start (a fresh process):")
             report["cold_start"] = cold_start_module().measure(worker_env)
@@ -779,11 +989,11 @@ def run_engine(
     # After the start: vLLM applies its logging config then, closing file handlers.
     configure_logging(log_path)
     jobs = max(plan.jobs(concurrency) for concurrency in plan.concurrency)
-    prompts = [f"{SEED_PROMPT}Variant {index}." for index in range(jobs)]
+    prompts = job_prompts(jobs)
     bench = Bench(engine, settings, prompts, [engine.tokenize(prompt) for prompt in prompts])
     measured = asyncio.run(measure(bench, plan))
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "label": label,
         "date": today.isoformat(timespec="seconds"),
         "model": "tiny-llama (vllm_worker.tiny_model)" if not args.model else args.model,
@@ -801,7 +1011,6 @@ def run_engine(
             "json.dumps of the aggregate per job; no HTTP",
         },
         **measured,
-        "endpoint": None,  # TODO(issue 7, ENDPOINT MODE): see above
     }
 
 

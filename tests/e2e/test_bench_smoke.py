@@ -20,10 +20,12 @@ from helpers import REPO_ROOT
 BENCH_TIMEOUT_S = 600
 MODES = {
     "raw",
-    "handler-cumulative-50ms",
-    "handler-delta-50ms",
-    "handler-cumulative-0ms",
+    "handler-cumulative",  # the default coalescing
+    "handler-delta",
+    "handler-cumulative-0ms",  # a chunk per engine output
     "handler-delta-0ms",
+    "endpoint-cumulative",  # through the local endpoint, over HTTP
+    "endpoint-delta",
 }
 
 
@@ -62,6 +64,10 @@ def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path
         assert positive(row["vs_raw"]["tokens_per_s_ratio"])
         assert row["tokens"] == row["jobs"] * report["parameters"]["max_tokens"]
     assert all(positive(row["bytes_over_final_text"]) for row in report["bytes"])
+    endpoint_rows = [row for row in rows if row["kind"] == "endpoint"]
+    for row in endpoint_rows:  # HTTP: at least /run and one /stream poll per job
+        assert row["requests_per_job"] >= 2 and row["vs_raw"] is not None
+    assert "through the local endpoint" in result.stdout
 
     cold = report["cold_start"]
     assert positive(cold["ready_ms"]) and positive(cold["worker_share_ms"])
