@@ -15,6 +15,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
 from helpers import collect, llama2_reference_ids
+from vllm_worker.chat import chat_prompt, chat_template_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
 from vllm_worker.tiny_model import build_tokenizer
@@ -145,3 +146,32 @@ def test_an_invalid_conversation_fails_naming_the_message_and_the_next_job_works
     assert "\n" not in error
     good = {"messages": CONVERSATION[1:2], "sampling_params": {"max_tokens": 3}}
     assert run(collect(handler, good))[-1]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("with_own_template", [True, False])
+def test_vllms_chat_serving_renders_the_same_ids(
+    engine: Engine, settings: Settings, with_own_template: bool
+) -> None:
+    # What vLLM's /v1/chat/completions does with the template chat_template_for gives it
+    # (the OpenAI route): the same ids as a messages job, so both routes agree.
+    from vllm.renderers.hf import safe_apply_chat_template
+
+    tokenizer = engine.tokenizer
+    llama2 = settings
+    if not with_own_template:
+        tokenizer = build_tokenizer()
+        tokenizer.chat_template = None  # type: ignore[attr-defined]
+        llama2 = settings.model_copy(update={"model_name": "meta-llama/Llama-2-7b-chat-hf"})
+    template = chat_template_for(llama2, tokenizer)
+    assert template is not None
+    vllm_ids = safe_apply_chat_template(
+        engine.async_llm.model_config,
+        tokenizer,
+        [dict(message) for message in CONVERSATION],
+        chat_template=template,
+        add_generation_prompt=True,
+        continue_final_message=False,
+        tokenize=True,
+    )
+    assert chat_prompt(llama2, tokenizer, CONVERSATION).token_ids == list(vllm_ids)
+    assert list(vllm_ids) == llama2_reference_ids(tokenizer, CONVERSATION)
