@@ -64,7 +64,7 @@ class Settings(BaseModel):
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     # Coalescing (streaming.EmissionClock): gaps grow with the job's age; delta streams
     # capped. Chosen from bench/run.py's bytes table (README, Performance).
-    stream_interval_growth: Annotated[float, Field(ge=0.0, le=10.0)] = 0.75
+    stream_interval_growth: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
     stream_delta_max_interval_ms: Annotated[float, Field(ge=0.0, le=60_000.0)] = 1000.0
     log_level: LogLevel = "INFO"
     # A Jinja chat template (the text itself) for chat input, over the tokenizer's (chat.py).
