@@ -824,7 +824,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bytes-max-tokens", type=int, default=512)
     parser.add_argument(
         "--bytes-growths",
-        default="0.5,1",
+        default="0.5,0.75,2",
         help="other STREAM_INTERVAL_GROWTH values for the bytes table (cumulative streams)",
     )
     parser.add_argument(
