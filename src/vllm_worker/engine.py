@@ -57,10 +57,11 @@ class Engine:
         yielded merged with the next one (as vLLM merges the outputs of a caller that has
         not read them yet). The caller's work is then per update it wants, not per token.
         """
-        params = _to_vllm_params(request)
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         held: dict[int, list[Any]] = {}  # sequence index -> its completions not yet yielded
         try:
+            # Inside the try: SamplingParams checks some values itself as it is built.
+            params = _to_vllm_params(request)
             async for output in self.async_llm.generate(prompt, params, request.request_id):
                 for completion in output.outputs:
                     held.setdefault(completion.index, []).append(completion)
@@ -70,7 +71,9 @@ class Engine:
         except VLLMValidationError as error:
             # Values only the engine can check (e.g. token ids outside the vocabulary).
             field = f"sampling_params.{error.parameter}" if error.parameter else "input"
-            raise InvalidInputError(f"{field}: {error}") from None
+            # args[0]: the message without str()'s "value=...", which may be the client's
+            # text (bad_words): errors are logged.
+            raise InvalidInputError(f"{field}: {error.args[0]}") from None
 
     def shutdown(self) -> None:
         """Stop the engine's processes (they would outlive a killed parent)."""

@@ -14,6 +14,7 @@ message first, then user and assistant turns alternating, ending with the user's
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,17 +26,37 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vllm_worker.errors import InvalidInputError
 
 MAX_STOP_SEQUENCES = 16
 MAX_SEED = 2**63 - 1
+# Ints cross to the engine core as MessagePack; a larger one fails there, not here.
+MAX_TOP_K = 2**31 - 1
+
+# Fields of vLLM's or OpenAI's APIs this worker refuses, and why (named in the error).
+UNSUPPORTED_FIELDS = {
+    "best_of": "vLLM 0.32's engine has no best_of; ask for n completions instead",
+    "use_beam_search": "vLLM 0.32's engine has no beam search",
+    "length_penalty": "only for beam search, which vLLM 0.32's engine does not have",
+    "early_stopping": "only for beam search, which vLLM 0.32's engine does not have",
+    "logit_bias": "not offered by this worker",
+    "allowed_token_ids": "not offered by this worker",
+    "prompt_logprobs": "not offered by this worker",
+}
+# Error messages list at most this many problems: a job with thousands of bad keys
+# still gets one short line.
+MAX_PROBLEMS_SHOWN = 5
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+_SHOWN_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,19}")
 
 
 def _one_stop_as_list(value: object) -> object:
@@ -52,7 +73,9 @@ class SamplingParamsInput(_Strict):
     n: int = Field(1, ge=1, description="Number of completions to generate (capped by MAX_N).")
     temperature: FiniteFloat = Field(1.0, ge=0.0, le=2.0, description="Randomness; 0 means greedy.")
     top_p: FiniteFloat = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=-1, description="Sample from the k likeliest tokens; 0 or -1: all.")
+    top_k: int = Field(
+        0, ge=-1, le=MAX_TOP_K, description="Sample from the k likeliest tokens; 0 or -1: all."
+    )
     min_p: FiniteFloat = Field(0.0, ge=0.0, le=1.0, description="Minimum relative probability.")
     presence_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
@@ -78,6 +101,13 @@ class SamplingParamsInput(_Strict):
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})"
+            )
+        if self.n > 1 and self.temperature == 0:
+            # vLLM refuses it too, but only once it builds its SamplingParams.
+            raise PydanticCustomError(
+                "conversation",
+                "sampling_params.n: must be 1 when temperature is 0 (greedy decoding gives "
+                f"one text), got {self.n}",
             )
         return self
 
@@ -183,26 +213,48 @@ def parse_job_input(raw: object, *, max_n: int) -> JobInput:
 
 
 def _describe(error: ValidationError) -> str:
-    problems: list[str] = []
-    for detail in error.errors(include_url=False):
-        path = _path(detail["loc"])
-        if detail["type"] == "conversation":  # our own message, naming its field
-            problems.append(detail["msg"])
-            continue
-        if detail["type"] == "extra_forbidden":
-            problems.append(f"{path}: unknown field; allowed: {_allowed_fields(detail['loc'])}")
-            continue
-        message = detail["msg"].removeprefix("Value error, ")
-        shown = repr(detail["input"]) if not isinstance(detail["input"], dict) else "an object"
-        problems.append(f"{path or 'input'}: {message} (got {shown[:80]})")
-    return "; ".join(dict.fromkeys(problems))
+    problems = list(dict.fromkeys(_problem(detail) for detail in error.errors(include_url=False)))
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    shown = problems[:MAX_PROBLEMS_SHOWN] + ([f"and {more} more"] if more > 0 else [])
+    return "; ".join(shown)
+
+
+def _problem(detail: ErrorDetails) -> str:
+    path = _path(detail["loc"])
+    if detail["type"] == "conversation":  # our own message, naming its field
+        return detail["msg"]
+    if detail["type"] == "extra_forbidden":
+        name = detail["loc"][-1]
+        if name in UNSUPPORTED_FIELDS:
+            return f"{path}: not supported: {UNSUPPORTED_FIELDS[str(name)]}"
+        return f"{path}: unknown field; allowed: {_allowed_fields(detail['loc'])}"
+    message = detail["msg"].removeprefix("Value error, ")
+    return f"{path or 'input'}: {message} (got {_shown(detail['input'])})"
+
+
+def _shown(value: object) -> str:
+    """The offending value for the error message. A string is shown only if it is a short
+    word (a role, a mode): any other may be (part of) a prompt, and errors are logged."""
+    if isinstance(value, str):
+        if not value or _SHOWN_WORD.fullmatch(value):
+            return repr(value)
+        return f"a string of {len(value)} characters"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    return repr(value)[:40]
 
 
 def _path(location: tuple[int | str, ...]) -> str:
     """``("messages", 2, "role")`` -> ``messages[2].role``."""
     path = ""
     for part in location:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+        name = str(part)
+        if isinstance(part, str) and not _FIELD_NAME.fullmatch(part):
+            # An unknown key is the client's text too: named only if it looks like a field.
+            name = f"<a key of {len(part)} characters>"
+        path += f"[{name}]" if isinstance(part, int) else f".{name}" if path else name
     return path
 
 

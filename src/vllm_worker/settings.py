@@ -61,6 +61,9 @@ class Settings(BaseModel):
     max_concurrency: PositiveInt = 64
     default_max_tokens: PositiveInt = 1024
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
+    # Characters of text a job's input may hold, checked before it is read (input_size.py);
+    # default: what the longest prompt that fits the context can have.
+    max_input_chars: PositiveInt | None = None
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     # Coalescing (streaming.EmissionClock): gaps grow with the job's age; delta streams
     # capped. Chosen from bench/run.py's bytes table (README, Performance).

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vllm_worker.chat import chat_prompt
 from vllm_worker.engine_types import GenerationRequest
 from vllm_worker.errors import InvalidInputError, job_error
+from vllm_worker.input_size import check_input_size, default_max_input_chars
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock
@@ -36,10 +37,14 @@ class _JobStats:
 
 def make_handler(engine: Engine, settings: Settings) -> Handler:
     """The handler for ``runpod.serverless.start``: one call per job."""
+    max_chars = settings.max_input_chars or default_max_input_chars(
+        engine.tokenizer, engine.max_model_len
+    )
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Chunk]:
         job_id = str(job.get("id", "-"))
         try:
+            check_input_size(job.get("input"), max_chars)  # before anything reads the text
             job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
             async for chunk in _run(engine, settings, job_id, job_input):
                 yield chunk
@@ -64,6 +69,7 @@ async def _run(
         prompt = job_input.prompt or ""
         prompt_token_ids = engine.tokenize(prompt)
     max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
+    _check_min_tokens(job_input, max_tokens)
     request = GenerationRequest(
         # Unique even when a job id comes twice (a retried job): vLLM keys requests by id.
         request_id=f"{job_id}-{uuid.uuid4().hex[:8]}",
@@ -98,13 +104,23 @@ def _max_tokens(
     """Requested (or default) max_tokens, clipped to what fits in the context window."""
     room = max_model_len - prompt_tokens
     if room < 1:
+        what = "messages: the rendered conversation" if job_input.messages else "prompt: the prompt"
         raise InvalidInputError(
-            f"prompt: has {prompt_tokens} tokens, but the model's context (MAX_MODEL_LEN) is "
+            f"{what} has {prompt_tokens} tokens, but the model's context (MAX_MODEL_LEN) is "
             f"{max_model_len} tokens: at most {max_model_len - 1} prompt tokens fit"
         )
     requested = job_input.sampling_params.max_tokens or settings.default_max_tokens
     # Clipped requests end with finish_reason "length", as OpenAI's API does.
     return min(requested, room)
+
+
+def _check_min_tokens(job_input: JobInput, max_tokens: int) -> None:
+    min_tokens = job_input.sampling_params.min_tokens
+    if min_tokens > max_tokens:
+        raise InvalidInputError(
+            f"sampling_params.min_tokens: {min_tokens} is more than the {max_tokens} tokens "
+            "this job may generate (max_tokens, or what fits in MAX_MODEL_LEN after the prompt)"
+        )
 
 
 def _log_job(job_id: str, stats: _JobStats, builder: ChunkBuilder, reasons: list[Any]) -> None:

@@ -165,10 +165,10 @@ def test_max_tokens_beyond_the_context_is_clipped_to_fit(
 
 
 def test_prompt_longer_than_the_context_fails_with_its_size(run: Run, handler: Handler) -> None:
-    chunks = run(collect(handler, job(prompt="story " * 2000)))
+    chunks = run(collect(handler, job(prompt="story " * 600)))  # 2401 tokens, 3600 chars
     assert len(chunks) == 1
     error = chunks[0]["error"]
-    assert error.startswith("invalid_input: prompt: has ")
+    assert error.startswith("invalid_input: prompt: the prompt has 2401 tokens")
     assert "MAX_MODEL_LEN" in error
     assert "511 prompt tokens fit" in error
 

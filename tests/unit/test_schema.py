@@ -131,7 +131,7 @@ def test_invalid_values_name_the_field_and_the_rule(raw: Any, expected: str) -> 
 def test_unknown_keys_are_named_never_dropped() -> None:
     message = rejected(with_params(max_token=100, best_of=2))
     assert "sampling_params.max_token: unknown field" in message
-    assert "sampling_params.best_of: unknown field" in message
+    assert "sampling_params.best_of: not supported: vLLM 0.32's engine has no best_of" in message
     assert "allowed: n, temperature" in message
     assert "max_tokens" in message
     top_level = rejected({"prompt": "x", "temprature": 0.5})
@@ -240,3 +240,48 @@ def test_conversation_problems_come_with_the_others_in_one_line() -> None:
     message = rejected(chat(USER, ASSISTANT, sampling_params={"temperature": 9}))
     assert "messages[1].role: the last message must be from the 'user'" in message
     assert "sampling_params.temperature: Input should be less than or equal to 2" in message
+
+
+# --- what an error shows, and limits vLLM checks too late (issue 5) ------------------
+
+
+def test_string_values_are_described_not_repeated() -> None:
+    # Errors are logged: a prompt sent in the wrong place must not reach the log.
+    message = rejected(with_params(temperature="my private words", stop="ok"))
+    assert "sampling_params.temperature: Input should be a valid number" in message
+    assert "(got a string of 16 characters)" in message
+    assert "private" not in message
+    assert "(got 'hot')" in rejected(with_params(temperature="hot"))  # a short word is shown
+
+
+def test_keys_that_are_not_field_names_are_not_repeated() -> None:
+    message = rejected({"prompt": "x", "tell me about my secret": 1})
+    assert "<a key of 23 characters>: unknown field" in message
+    assert "secret" not in message
+
+
+def test_many_problems_make_one_short_line() -> None:
+    message = rejected({"prompt": "x", **{f"key{i}": i for i in range(1000)}})
+    assert message.endswith("; and 995 more")
+    assert len(message) < 1000
+
+
+def test_n_above_one_needs_sampling() -> None:
+    assert "sampling_params.n: must be 1 when temperature is 0" in rejected(
+        with_params(n=2, temperature=0)
+    )
+    assert parse(with_params(n=2, temperature=0.5)).sampling_params.n == 2
+
+
+def test_top_k_fits_the_engine_s_integers() -> None:
+    assert parse(with_params(top_k=2**31 - 1)).sampling_params.top_k == 2**31 - 1
+    assert "sampling_params.top_k: Input should be less than or equal to 2147483647" in rejected(
+        with_params(top_k=2**70)
+    )
+
+
+@pytest.mark.parametrize(
+    "field", ["best_of", "use_beam_search", "length_penalty", "early_stopping", "logit_bias"]
+)
+def test_fields_vllm_has_but_this_worker_refuses_say_why(field: str) -> None:
+    assert f"sampling_params.{field}: not supported: " in rejected(with_params(**{field: 2}))
