@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class EndpointProcess:
     log_path: Path
     url: str = ""
     worker_pid: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # Authorization, with an API key
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -70,11 +71,13 @@ def start_endpoint(
     workdir: Path,
     extra_env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    api_key: str | None = None,
 ) -> Iterator[EndpointProcess]:
     """An endpoint whose worker serves the tiny model; stopped (and reaped) on exit.
 
     ``worker_env`` is the ``worker_env`` fixture; ``extra_env`` overrides its settings
-    (e.g. ``MAX_CONCURRENCY``); ``extra_args`` go to the endpoint's command line.
+    (e.g. ``MAX_CONCURRENCY``); ``extra_args`` go to the endpoint's command line;
+    ``api_key``: the endpoint checks it, and the calls below send it.
     """
     env = {
         **worker_env,  # the tiny model; STREAM_MIN_INTERVAL_MS=0: a chunk per engine step
@@ -97,6 +100,7 @@ def start_endpoint(
         "--worker-stop-timeout",
         "90",  # vLLM's shutdown is slow on a busy machine
         *extra_args,
+        *(["--api-key", api_key] if api_key else []),
     ]
     log_path = workdir / "endpoint.log"
     with log_path.open("wb") as log:
@@ -110,6 +114,8 @@ def start_endpoint(
             start_new_session=True,
         )
     process = EndpointProcess(proc, log_path)
+    if api_key:
+        process.headers["Authorization"] = f"Bearer {api_key}"
     try:
         _wait_until_ready(process)
         yield process
@@ -149,11 +155,14 @@ def stop(process: EndpointProcess) -> None:
 
 
 def health(endpoint: EndpointProcess) -> dict[str, Any]:
-    return dict(requests.get(f"{endpoint.url}/health", timeout=10).json())
+    reply = requests.get(f"{endpoint.url}/health", headers=endpoint.headers, timeout=10)
+    return dict(reply.json())
 
 
 def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
-    reply = requests.post(f"{endpoint.url}/run", json={"input": job_input}, timeout=10)
+    reply = requests.post(
+        f"{endpoint.url}/run", json={"input": job_input}, headers=endpoint.headers, timeout=10
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body == {"id": body["id"], "status": "IN_QUEUE"}
@@ -161,7 +170,7 @@ def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
 
 
 def status(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
-    reply = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10)
+    reply = requests.get(f"{endpoint.url}/status/{job_id}", headers=endpoint.headers, timeout=10)
     assert reply.status_code == 200, reply.text
     return dict(reply.json())
 

@@ -7,6 +7,7 @@ error: the client gets a stable message, the worker log gets the traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,10 @@ class WorkerError(Exception):
     """Base class of every error whose message is meant for the client."""
 
     kind = "worker_error"
+    # What an OpenAI route answers for it: HTTP status and OpenAI error type.
+    status = 500
+    error_type = "InternalServerError"
+    param: str | None = None
 
     def __init__(self, message: str) -> None:
         # One line only: the platform shows this string as the job's error.
@@ -38,6 +43,19 @@ class InvalidInputError(WorkerError):
     """The job's input is malformed or outside an allowed range."""
 
     kind = "invalid_input"
+    status = 400
+    error_type = "BadRequestError"
+
+
+class OpenAIRequestError(InvalidInputError):
+    """An OpenAI-route request refused (by vLLM's OpenAI layer or the route table), with
+    the status code, error type and parameter an OpenAI client expects."""
+
+    def __init__(self, message: str, *, status: int, error_type: str, param: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.param = param
 
 
 class EngineError(WorkerError):
@@ -52,8 +70,27 @@ def job_error(error: BaseException, job_id: str = "-") -> dict[str, str]:
     The runpod SDK turns a yielded ``{"error": ...}`` into a FAILED job with exactly that
     string, whereas a raised exception becomes a message with a traceback appended.
     """
+    kind, message = _logged(error, job_id)
+    return {"error": f"{kind}: {message}"}
+
+
+def openai_job_error(error: BaseException, job_id: str = "-") -> dict[str, str]:
+    """``job_error`` for a job of an OpenAI route: the FAILED job's error is the OpenAI
+    error object as one line of JSON, ``{"error": {"message", "type", "param", "code"}}``,
+    ``code`` being the HTTP status, so that whoever relays it can answer as OpenAI does."""
+    kind, message = _logged(error, job_id)
+    if isinstance(error, WorkerError):
+        status, error_type, param = error.status, error.error_type, error.param
+    else:
+        status, error_type, param = 500, "InternalServerError", None
+    body = {"message": f"{kind}: {message}", "type": error_type, "param": param, "code": status}
+    return {"error": json.dumps({"error": body})}
+
+
+def _logged(error: BaseException, job_id: str) -> tuple[str, str]:
+    """The error's kind and client-safe message; logged (with the traceback when internal)."""
     if isinstance(error, WorkerError):
         log.info("job %s failed: %s: %s", job_id, error.kind, error.message)
-        return {"error": f"{error.kind}: {error.message}"}
+        return error.kind, error.message
     log.error("job %s failed with an internal error", job_id, exc_info=error)
-    return {"error": f"internal_error: {INTERNAL_ERROR_MESSAGE}"}
+    return "internal_error", INTERNAL_ERROR_MESSAGE

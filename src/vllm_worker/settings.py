@@ -61,9 +61,6 @@ class Settings(BaseModel):
     max_concurrency: PositiveInt = 64
     default_max_tokens: PositiveInt = 1024
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
-    # Characters of text a job's input may hold, checked before it is read (input_size.py);
-    # default: what the longest prompt that fits the context can have.
-    max_input_chars: PositiveInt | None = None
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     # Coalescing (streaming.EmissionClock): gaps grow with the job's age; delta streams
     # capped. Chosen from bench/run.py's bytes table (README, Performance).
@@ -109,6 +106,15 @@ class Settings(BaseModel):
             if value.upper() in _HF_FALSE:
                 return False
             raise ValueError("1, 0, true, false, yes, no, on or off")
+        return value
+
+    @field_validator("custom_chat_template")
+    @classmethod
+    def _jinja_text(cls, value: str | None) -> str | None:
+        # vLLM's --chat-template also takes a file name; here a file name would be
+        # rendered as the prompt of every chat job, so it is refused.
+        if value is not None and "{{" not in value and "{%" not in value:
+            raise ValueError("the text of a Jinja template (with {{ }} or {% %}), not a file name")
         return value
 
     @field_validator("quantization", mode="before")

@@ -20,7 +20,7 @@ from vllm_worker.chat import (
     log_chat_template,
     render_chat,
 )
-from vllm_worker.errors import InvalidInputError
+from vllm_worker.errors import InvalidInputError, SettingsError
 from vllm_worker.settings import Settings
 from vllm_worker.tiny_model import build_tokenizer
 
@@ -237,3 +237,14 @@ def test_start_up_says_which_template_chat_input_uses(
     last = caplog.records[3]
     assert last.levelname == "WARNING"
     assert "'messages' jobs will fail; set CUSTOM_CHAT_TEMPLATE" in last.getMessage()
+
+
+def test_custom_chat_template_must_be_template_text_not_a_file_name() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"CUSTOM_CHAT_TEMPLATE": "/templates/llama-2-chat.jinja"})
+    assert str(raised.value).startswith(
+        "CUSTOM_CHAT_TEMPLATE='/templates/llama-2-chat.jinja' is invalid: must be the text of a "
+        "Jinja template"
+    )
+    template = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": CUSTOM_LLAMA2_TEMPLATE})
+    assert template.custom_chat_template == CUSTOM_LLAMA2_TEMPLATE.strip()

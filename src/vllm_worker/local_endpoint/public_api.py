@@ -17,6 +17,7 @@ from aiohttp import web
 
 from vllm_worker.local_endpoint.context import Context
 from vllm_worker.local_endpoint.jobs import RetryError, status_body, stream_body
+from vllm_worker.local_endpoint.openai_api import OpenAIRelay
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def add_routes(app: web.Application, ctx: Context) -> None:
     app.router.add_post(PREFIX + "/retry/{job}", checked(routes.retry))
     app.router.add_post(PREFIX + "/purge-queue", checked(routes.purge_queue))
     app.router.add_get(PREFIX + "/health", checked(routes.health))
+    # RunPod's OpenAI-compatible API: every method and path under /openai/v1 becomes a job.
+    app.router.add_route("*", PREFIX + OpenAIRelay.PATH, checked(OpenAIRelay(ctx).handle))
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -1,0 +1,85 @@
+"""The job input of RunPod's OpenAI-compatible routes: which route, which request.
+
+RunPod serves ``https://api.runpod.ai/v2/<endpoint_id>/openai/v1/<path>`` by queueing a job
+whose input is ``{"openai_route": "/v1/<path>", "openai_input": <the request body>}``.
+This module checks that input and names the model the routes serve; it needs no vLLM
+(``openai_routes`` runs the requests through vLLM's OpenAI layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_worker.errors import OpenAIRequestError
+from vllm_worker.settings import Settings
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MODELS = "/v1/models"
+ROUTES = (CHAT, COMPLETIONS, MODELS)
+
+_KEYS = ("openai_route", "openai_input")
+
+
+@dataclass(frozen=True)
+class OpenAIJob:
+    route: str
+    body: dict[str, Any]
+
+    @property
+    def stream(self) -> bool:
+        return self.route != MODELS and self.body.get("stream") is True
+
+
+def is_openai_job(job_input: Any) -> bool:
+    """Whether a job input is for the OpenAI routes rather than the worker's own input."""
+    return isinstance(job_input, dict) and "openai_route" in job_input
+
+
+def parse_openai_job(job_input: dict[str, Any], *, max_n: int) -> OpenAIJob:
+    """The route and request body; ``OpenAIRequestError`` (400, or 404 for a route not
+    served) when the input is not one this worker answers."""
+    unknown = sorted(set(job_input) - set(_KEYS))
+    if unknown:
+        raise _bad_request(f"{', '.join(unknown)}: unknown key; allowed: {', '.join(_KEYS)}")
+    route = job_input["openai_route"]
+    if not isinstance(route, str) or route.rstrip("/") not in ROUTES:
+        raise OpenAIRequestError(
+            f"openai_route: {route!r} is not served; served: {', '.join(ROUTES)}",
+            status=404,
+            error_type="NotFoundError",
+            param=None,
+        )
+    route = route.rstrip("/")
+    body = job_input.get("openai_input")
+    if body is None and route == MODELS:
+        body = {}
+    if not isinstance(body, dict):
+        raise _bad_request(f"openai_input: must be a JSON object (got {type(body).__name__})")
+    _check_n(body, max_n)
+    return OpenAIJob(route=route, body=body)
+
+
+def _check_n(body: dict[str, Any], max_n: int) -> None:
+    # vLLM has no bound of its own on n; the worker's MAX_N applies to every input.
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > max_n:
+        raise _bad_request(f"n: must be at most {max_n} (MAX_N) (got {n})", param="n")
+
+
+def _bad_request(message: str, param: str | None = None) -> OpenAIRequestError:
+    return OpenAIRequestError(message, status=400, error_type="BadRequestError", param=param)
+
+
+def served_model_name(settings: Settings) -> str:
+    """The model name the routes answer to: ``SERVED_MODEL_NAME``, else ``MODEL_NAME``
+    when it is a Hugging Face repo id, else (a local directory: absolute, ``./``, ``~``) the
+    directory's name, so that no filesystem path of the worker is shown to clients."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    name = settings.model_name
+    if name.startswith(("/", ".", "~")):
+        return Path(name.rstrip("/")).name or name
+    return name
