@@ -88,9 +88,12 @@ def _serve(settings: Settings) -> int:
     if engine is None:
         return 1
     try:
+        from vllm_worker.openai_routes import OpenAIRoutes
+
+        openai_routes = OpenAIRoutes.build(engine, settings)
         runpod.serverless.start(
             {
-                "handler": make_handler(engine, settings),
+                "handler": make_handler(engine, settings, openai_routes),
                 "return_aggregate_stream": True,
                 # Many jobs at once: vLLM batches them on the GPU.
                 "concurrency_modifier": lambda _current: settings.max_concurrency,

@@ -59,8 +59,14 @@ class Settings(BaseModel):
 
     # --- the worker ----------------------------------------------------------------
     max_concurrency: PositiveInt = 64
+    # After SIGTERM: how long jobs in flight may still run before they are aborted
+    # (lifecycle.py). Fits Docker's default 10 s between SIGTERM and SIGKILL.
+    shutdown_grace_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 8.0
     default_max_tokens: PositiveInt = 1024
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
+    # Characters of text a job's input may hold, checked before it is read (input_size.py);
+    # default: what the longest prompt that fits the context can have.
+    max_input_chars: PositiveInt | None = None
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
     # Coalescing (streaming.EmissionClock): gaps grow with the job's age; delta streams
     # capped. Chosen from bench/run.py's bytes table (README, Performance).
@@ -69,6 +75,8 @@ class Settings(BaseModel):
     log_level: LogLevel = "INFO"
     # A Jinja chat template (the text itself) for chat input, over the tokenizer's (chat.py).
     custom_chat_template: str | None = None
+    # The model name of the OpenAI routes (openai_routes.py); default: MODEL_NAME's public name.
+    served_model_name: str | None = None
 
     # --- where the model comes from (model_source.py) ------------------------------
     # Hugging Face's own variables, read here so that the worker knows what the

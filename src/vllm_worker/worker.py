@@ -15,18 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 from vllm_worker.chat import chat_prompt
 from vllm_worker.engine_types import GenerationRequest
-from vllm_worker.errors import InvalidInputError, job_error
+from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, default_max_input_chars
+from vllm_worker.openai_input import is_openai_job, parse_openai_job
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock
 
 if TYPE_CHECKING:  # engine.py imports vLLM; this module must not need it at run time
     from vllm_worker.engine import Engine
+    from vllm_worker.openai_routes import OpenAIRoutes
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], AsyncIterator[Chunk]]
+# Yields chunks; for an OpenAI route, response objects or server-sent-event text.
+Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
 
 @dataclass
@@ -35,14 +38,23 @@ class _JobStats:
     first_token: float | None = None
 
 
-def make_handler(engine: Engine, settings: Settings) -> Handler:
-    """The handler for ``runpod.serverless.start``: one call per job."""
+def make_handler(
+    engine: Engine, settings: Settings, openai_routes: OpenAIRoutes | None = None
+) -> Handler:
+    """The handler for ``runpod.serverless.start``: one call per job. Jobs of RunPod's
+    OpenAI-compatible API go to ``openai_routes`` (refused when it is None)."""
     max_chars = settings.max_input_chars or default_max_input_chars(
         engine.tokenizer, engine.max_model_len
     )
 
-    async def handler(job: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id", "-"))
+        if is_openai_job(job.get("input")):
+            async for output in _serve_openai(
+                openai_routes, settings, job_id, job["input"], max_chars
+            ):
+                yield output
+            return
         try:
             check_input_size(job.get("input"), max_chars)  # before anything reads the text
             job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
@@ -52,6 +64,23 @@ def make_handler(engine: Engine, settings: Settings) -> Handler:
             yield job_error(error, job_id)
 
     return handler
+
+
+async def _serve_openai(
+    routes: OpenAIRoutes | None,
+    settings: Settings,
+    job_id: str,
+    job_input: dict[str, Any],
+    max_chars: int,
+) -> AsyncIterator[Any]:
+    try:
+        check_input_size(job_input, max_chars)
+        if routes is None:
+            raise InvalidInputError("openai_route: this worker serves no OpenAI routes")
+        async for output in routes.serve(parse_openai_job(job_input, max_n=settings.max_n)):
+            yield output
+    except Exception as error:  # as in the handler, but as an OpenAI error object
+        yield openai_job_error(error, job_id)
 
 
 async def _run(
