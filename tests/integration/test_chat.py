@@ -175,3 +175,16 @@ def test_vllms_chat_serving_renders_the_same_ids(
     )
     assert chat_prompt(llama2, tokenizer, CONVERSATION).token_ids == list(vllm_ids)
     assert list(vllm_ids) == llama2_reference_ids(tokenizer, CONVERSATION)
+
+
+def test_a_conversation_longer_than_the_context_fails_with_its_size(
+    run: Run, handler: Handler, engine: Engine
+) -> None:
+    messages = [{"role": "user", "content": "Tell me a story about the sea. " * 100}]
+    chunks = run(collect(handler, {"messages": messages}))
+    assert len(chunks) == 1
+    tokens = len(llama2_reference_ids(engine.tokenizer, messages))
+    assert chunks[0]["error"] == (
+        f"invalid_input: messages: the rendered conversation has {tokens} tokens, but the "
+        "model's context (MAX_MODEL_LEN) is 512 tokens: at most 511 prompt tokens fit"
+    )
