@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 
-from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint
+from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint, submit, wait_final
 
 pytestmark = pytest.mark.engine
 
@@ -243,3 +243,39 @@ def test_a_wrong_api_key_is_refused(endpoint: EndpointProcess, model: str) -> No
 def test_the_worker_still_serves_after_the_errors(client: openai.OpenAI, model: str) -> None:
     response = client.completions.create(model=model, prompt="Hello", max_tokens=2)
     assert response.choices[0].finish_reason in {"length", "stop"}
+
+
+def test_chat_renders_as_a_messages_job_does(
+    endpoint: EndpointProcess, client: openai.OpenAI, model: str
+) -> None:
+    """The route and the worker's own ``messages`` input share the chat template: same
+    prompt tokens, and (greedy) the same answer."""
+    sampling = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    job = submit(endpoint, {"messages": MESSAGES, "sampling_params": sampling, "stream": False})
+    final = wait_final(endpoint, job)
+    assert final["status"] == "COMPLETED", final
+    native = final["output"][-1]
+    response = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+    assert response.choices[0].message.content == native["text"][0]
+
+
+def test_a_client_that_goes_away_cancels_its_job(endpoint: EndpointProcess, model: str) -> None:
+    reply = requests.post(
+        f"{endpoint.url}/openai/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": model, "prompt": "Hello", "max_tokens": 1500, "stream": True, **IGNORE_EOS},
+        stream=True,
+        timeout=JOB_TIMEOUT_S,
+    )
+    assert reply.status_code == 200
+    next(reply.iter_lines())  # the stream has begun
+    reply.close()
+    endpoint.wait_for_log(r"job (sync-\S+): the client went away; the job is CANCELLED", 60)

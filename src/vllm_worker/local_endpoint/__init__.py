@@ -36,6 +36,9 @@ operation-reference`` and ``.../send-requests``, read in the ``runpod/docs`` rep
 - ``POST /purge-queue`` -> ``{"removed": n, "status": "completed"}``.
 - ``GET /health`` -> ``{"jobs": {"completed", "failed", "inProgress", "inQueue",
   "retried"}, "workers": {"idle", "initializing", "running"}}``.
+- ``/openai/v1/<path>`` (any method): RunPod's OpenAI-compatible API; each request is a
+  job ``{"openai_route": "/v1/<path>", "openai_input": <body>}`` and its output is the
+  answer (``openai_api``).
 - Job states: IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT. A job
   running longer than the execution timeout (RunPod's default 600 s; ``policy.
   executionTimeout`` per job) ends TIMED_OUT and the worker is told to stop it.

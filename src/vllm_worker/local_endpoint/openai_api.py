@@ -85,6 +85,7 @@ class OpenAIRelay:
             return await self._answer(job)
         except (asyncio.CancelledError, ConnectionResetError):
             self.ctx.store.cancel(job.id)  # the client went away: stop generating for it
+            log.info("job %s: the client went away; the job is %s", job.id, job.status.value)
             raise
 
     async def _wait(self, job: Job, ready: Callable[[], bool]) -> bool:

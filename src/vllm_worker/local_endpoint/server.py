@@ -204,6 +204,7 @@ async def serve(
         f"  POST {endpoint.url}/run | /runsync   GET {endpoint.url}/status/<id> | "
         f"/stream/<id>   POST {endpoint.url}/cancel/<id>   GET {endpoint.url}/health"
     )
+    announce(f"  OpenAI-compatible API: {endpoint.url}/openai/v1 (the openai client's base_url)")
     try:
         if worker_command is None:
             _announce_attach(announce, endpoint.worker_env(worker_id))
