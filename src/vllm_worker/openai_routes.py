@@ -147,7 +147,8 @@ def _invalid_request(error: ValidationError) -> OpenAIRequestError:
     param = None
     for detail in error.errors(include_url=False):
         field = ".".join(str(part) for part in detail["loc"]) or "body"
-        param = param or field
+        # OpenAI's "param" is the request's field, not pydantic's path into a union.
+        param = param or (str(detail["loc"][0]) if detail["loc"] else None)
         problems.append(f"{field}: {detail['msg']}")
     return OpenAIRequestError(
         "; ".join(problems), status=400, error_type="BadRequestError", param=param

@@ -57,3 +57,8 @@ def test_a_wrong_type_names_the_field() -> None:
 def test_a_missing_field_is_named_and_every_problem_listed() -> None:
     text = validation_error(ChatCompletionRequest, {"model": "m", "max_tokens": "many"})
     assert text.startswith("messages | messages: Field required; max_tokens: ")
+
+
+def test_the_param_is_the_requests_field_not_a_path_into_a_union() -> None:
+    text = validation_error(CompletionRequest, {"model": "m", "prompt": "x", "stop": [1]})
+    assert text.startswith("stop | stop.str: Input should be a valid string; stop.list[str].0: ")
