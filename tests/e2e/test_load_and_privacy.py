@@ -26,6 +26,7 @@ from endpoint_process import EndpointProcess, start_endpoint, submit, wait_final
 pytestmark = pytest.mark.engine
 
 HF_TOKEN = "hf_c2PrivacyCheckTokenDoNotLog0123"
+API_KEY = "rpa_c2PrivacyCheckEndpointKey4567"  # what clients send to the endpoint
 LOAD_JOBS = 200
 LOAD_PROMPTS = [
     f"{MARKER} {i}: "
@@ -41,7 +42,7 @@ def endpoint(
 ) -> Iterator[EndpointProcess]:
     extra_env = {"LOG_LEVEL": "", "HF_TOKEN": HF_TOKEN, "MAX_CONCURRENCY": "64"}
     workdir = tmp_path_factory.mktemp("load-and-privacy")
-    with start_endpoint(worker_env, workdir, extra_env=extra_env) as process:
+    with start_endpoint(worker_env, workdir, extra_env=extra_env, api_key=API_KEY) as process:
         yield process
 
 
@@ -114,7 +115,7 @@ def test_the_log_holds_no_prompt_and_no_secret(endpoint: EndpointProcess) -> Non
     assert " done: prompt_tokens=" in log and "failed: invalid_input" in log  # a real log
     worker_key = _environ(endpoint.worker_pid).get("RUNPOD_AI_API_KEY", "")
     assert len(worker_key) >= 16, "the endpoint gives its worker a key"
-    for secret in (MARKER, *MARKER.split(), HF_TOKEN, worker_key):
+    for secret in (MARKER, *MARKER.split(), HF_TOKEN, API_KEY, worker_key):
         assert secret not in log, f"{secret!r} is in the log"
 
 
@@ -124,7 +125,7 @@ def test_the_log_holds_no_prompt_and_no_secret(endpoint: EndpointProcess) -> Non
 def _submit_any(endpoint: EndpointProcess, job_input: Any) -> str:
     """``submit``, also for inputs that are not strict JSON (NaN, infinity)."""
     body = json.dumps({"input": job_input})  # NaN as Python's json writes and reads it
-    reply = requests.post(f"{endpoint.url}/run", data=body, timeout=10)
+    reply = requests.post(f"{endpoint.url}/run", data=body, headers=endpoint.headers, timeout=10)
     assert reply.status_code == 200, reply.text
     return str(reply.json()["id"])
 

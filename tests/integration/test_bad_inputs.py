@@ -12,6 +12,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, malformed_input
 from helpers import collect
 from vllm_worker.engine import Engine
+from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
+from vllm_worker.openai_routes import OpenAIRoutes
 from vllm_worker.settings import Settings
-from vllm_worker.worker import Handler
+from vllm_worker.worker import Handler, make_handler
 
 pytestmark = pytest.mark.engine
 
@@ -187,4 +190,40 @@ def test_an_input_too_large_to_read_is_refused_before_it_is_read(
             f"invalid_input: input: holds more than {limit} characters of text (keys and values "
             "together), the most a job may send (MAX_INPUT_CHARS)"
         )
+    assert_engine_serves(run, handler, engine)
+
+
+def test_no_job_can_choose_a_template_or_read_a_file(
+    run: Run, engine: Engine, settings: Settings, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("c2-file-content-that-must-not-leak")
+    handler = make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
+    user = {"role": "user", "content": PROMPT}
+    image = {"type": "image_url", "image_url": {"url": f"file://{secret}"}}
+    template = "{{ 'anything' }}"
+
+    def openai(route: str, **body: Any) -> dict[str, Any]:
+        body = {"model": served_model_name(settings), "max_tokens": 4, **body}
+        return {"openai_route": route, "openai_input": body}
+
+    refused = [
+        # The worker's own input has no such fields, and content is text only.
+        ({"prompt": PROMPT, "chat_template": template}, "chat_template: unknown field"),
+        ({"messages": [{"role": "user", "content": [image]}]}, "Input should be a valid string"),
+        # vLLM's OpenAI layer, as the worker builds it, trusts no template from a request.
+        (openai(CHAT, messages=[user], chat_template=template), "untrusted chat template"),
+        (
+            openai(CHAT, messages=[user], chat_template_kwargs={"chat_template": template}),
+            "untrusted chat template",
+        ),
+        (openai(CHAT, messages=[{"role": "user", "content": [image]}]), ""),
+        (openai(COMPLETIONS, prompt=PROMPT, prompt_embeds="AAAA"), ""),
+    ]
+    for job_input, expected in refused:
+        chunks = run(collect(handler, job_input))
+        assert len(chunks) == 1 and set(chunks[0]) == {"error"}, f"{job_input}: {chunks}"
+        error = chunks[0]["error"]
+        assert expected in error, error
+        assert "c2-file-content" not in error and MARKER not in error
     assert_engine_serves(run, handler, engine)
