@@ -68,3 +68,30 @@ def llama2_reference_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list
         text = f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} "
         ids += [bos, *encode(text), eos]
     return [*ids, bos, *encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]")]
+
+
+def sentencepiece_llama_tokenizer(
+    texts: list[str], *, legacy: bool, chat_template: str | None
+) -> Any:
+    """A Llama tokenizer as transformers 5 builds Llama 2's (Metaspace, BPE), over the
+    characters of ``texts`` and of the Llama 2 format (and of the worker's probe).
+
+    ``legacy=False`` (what Llama 2's tokenizer config may say) marks no word start after a
+    special token: "<s>[INST]" then encodes as "<s>", "[", ... where Meta's reference code,
+    encoding "[INST] ..." alone with sentencepiece, has "▁[".
+    """
+    from transformers.models.llama.tokenization_llama import LlamaTokenizer
+
+    from vllm_worker.llama2_chat import PROBE_CONVERSATION
+
+    texts = [*texts, "[INST] [/INST] <<SYS>>\n<</SYS>>"]
+    texts += [message["content"] for message in PROBE_CONVERSATION]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in sorted(set("".join(texts).replace(" ", "\u2581")) | {"\u2581"}):
+        vocab.setdefault(char, len(vocab))
+    merges = [("\u2581", "["), ("I", "N"), ("IN", "S"), ("INS", "T"), ("[", "/")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)
+    tokenizer.chat_template = chat_template
+    return tokenizer

@@ -8,10 +8,14 @@ tokens), so that one conversation becomes the same token ids on both routes.
 
 Which template (``chat_template_for``):
 
-1. ``CUSTOM_CHAT_TEMPLATE``, when set;
-2. the tokenizer's own (``chat_template`` in its tokenizer config);
-3. for a Llama 2 chat model whose tokenizer has none (older snapshots and many
-   quantised copies of ``meta-llama/Llama-2-*-chat-hf``), ``LLAMA2_CHAT_TEMPLATE``;
+1. ``CUSTOM_CHAT_TEMPLATE``, when set, as it is;
+2. for a Llama 2 chat model, the first of the tokenizer's own template, the built-in
+   ``LLAMA2_CHAT_TEMPLATE`` and its variant for tokenizers without a word-start mark after
+   special tokens, that renders a probe conversation to the very token ids Meta's
+   reference code builds (llama2_chat.py: older snapshots and many quantised copies of
+   ``meta-llama/Llama-2-*-chat-hf`` have no template, and with transformers 5 the Hub's
+   own template can be one token off in every turn);
+3. the tokenizer's own (``chat_template`` in its tokenizer config);
 4. none: a ``messages`` job then fails with an error that says so. Guessing a format
    would make the model answer badly without anyone noticing.
 
@@ -28,55 +32,30 @@ doubled, and a template that writes none gets none.
 from __future__ import annotations
 
 import logging
-import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_worker import llama2_chat
 from vllm_worker.errors import InvalidInputError
+from vllm_worker.llama2_chat import LLAMA2_CHAT_TEMPLATE, LLAMA2_CHAT_TEMPLATE_SPACED
 from vllm_worker.settings import Settings
 
+__all__ = [
+    "LLAMA2_CHAT_TEMPLATE",
+    "LLAMA2_CHAT_TEMPLATE_SPACED",
+    "RenderedChat",
+    "TemplateChoice",
+    "chat_prompt",
+    "chat_template_for",
+    "choose_chat_template",
+    "is_llama2_chat",
+    "log_chat_template",
+    "render_chat",
+]
+
 log = logging.getLogger(__name__)
-
-# Llama 2's chat format as Meta's reference code builds it (llama/generation.py,
-# ``chat_completion``): an optional system message folded into the first user message
-# between ``<<SYS>>\n`` and ``\n<</SYS>>\n\n``; then for each user/assistant exchange
-# ``BOS + "[INST] {user.strip()} [/INST] {answer.strip()} " + EOS``, and for the final
-# user message ``BOS + "[INST] {user.strip()} [/INST]"``. The whole folded first message
-# is stripped, as Meta strips it. Conversations out of that shape are refused with
-# Meta's own assertions, for callers (the OpenAI route) that did not check them first.
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system_message = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system_message = none -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('model only supports \\'system\\', \\'user\\' and \\'assistant\\' "
-    "roles, starting with \\'system\\', then \\'user\\' and alternating (u/a/u/a/u...)') }}"
-    "{%- endif -%}"
-    "{%- if loop.first and system_message is not none -%}"
-    "{%- set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] -%}"
-    "{%- else -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{%- else -%}"
-    "{{ ' ' + content.strip() + ' ' + eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if not loop_messages or loop_messages[-1]['role'] != 'user' -%}"
-    "{{ raise_exception('Last message must be from user') }}"
-    "{%- endif -%}"
-)
-
-# "Llama-2-7b-chat-hf", "llama2_13b_chat", "Llama 2 70B Chat": Llama, an optional
-# separator, 2 (not 20, 3, ...), then "chat" somewhere after it.
-_LLAMA2_CHAT_NAME = re.compile(r"llama[-_ ]?2(?!\d).*chat", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -87,40 +66,79 @@ class RenderedChat:
     token_ids: list[int]
 
 
+@dataclass(frozen=True)
+class TemplateChoice:
+    """The chat template chosen, and where it comes from (for the start-up log)."""
+
+    template: str | None
+    source: str
+    faithful: bool = True  # False: a Llama 2 chat model whose ids differ from Meta's
+
+
+# Per tokenizer: the choice for each (custom template, names), made once.
+_choices: weakref.WeakKeyDictionary[Any, dict[tuple[str | None, ...], TemplateChoice]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def is_llama2_chat(settings: Settings, tokenizer: Any) -> bool:
     """Whether the served model is a Llama 2 chat model (see the module docstring)."""
-    names = (settings.model_name, settings.tokenizer_name or "")
-    named = any(_LLAMA2_CHAT_NAME.search(name) for name in names)
-    specials = (getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None))
-    return named and specials == ("<s>", "</s>")
+    return llama2_chat.is_llama2_chat(_names(settings), tokenizer)
 
 
 def chat_template_for(settings: Settings, tokenizer: Any) -> str | None:
     """The Jinja chat template the worker renders conversations with; None: there is none."""
+    return choose_chat_template(settings, tokenizer).template
+
+
+def choose_chat_template(settings: Settings, tokenizer: Any) -> TemplateChoice:
+    """``chat_template_for`` with the reason; the check a Llama 2 model gets runs once."""
+    key = (settings.custom_chat_template, *_names(settings), _tokenizer_template(tokenizer))
+    try:
+        cached = _choices.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referable or not hashable: no cache
+        cached = {}
+    if key not in cached:
+        cached[key] = _choose(settings, tokenizer)
+    return cached[key]
+
+
+def _choose(settings: Settings, tokenizer: Any) -> TemplateChoice:
     if settings.custom_chat_template is not None:
-        return settings.custom_chat_template
+        return TemplateChoice(settings.custom_chat_template, "CUSTOM_CHAT_TEMPLATE")
     own = _tokenizer_template(tokenizer)
-    if own is not None:
-        return own
     if is_llama2_chat(settings, tokenizer):
-        return LLAMA2_CHAT_TEMPLATE
-    return None
+
+        def render(messages: Sequence[Mapping[str, str]], template: str) -> list[int]:
+            return render_chat(messages, template, tokenizer, settings.model_name).token_ids
+
+        template, faithful = llama2_chat.template_for(own, tokenizer, render)
+        names = {
+            own: "the tokenizer's own",
+            LLAMA2_CHAT_TEMPLATE: "the built-in Llama 2 template",
+            LLAMA2_CHAT_TEMPLATE_SPACED: "the built-in Llama 2 template, with a space after "
+            "BOS (the tokenizer marks no word start after special tokens)",
+        }
+        verdict = "Meta's reference token ids" if faithful else "NOT Meta's reference token ids"
+        return TemplateChoice(template, f"{names[template]}: gives {verdict}", faithful)
+    if own is not None:
+        return TemplateChoice(own, "the tokenizer's own")
+    return TemplateChoice(None, "none")
 
 
 def log_chat_template(settings: Settings, tokenizer: Any) -> None:
     """Say at start-up which template chat input will use, or that there is none."""
-    if settings.custom_chat_template is not None:
-        log.info("chat template: CUSTOM_CHAT_TEMPLATE")
-    elif _tokenizer_template(tokenizer) is not None:
-        log.info("chat template: the tokenizer's own")
-    elif is_llama2_chat(settings, tokenizer):
-        log.info("chat template: the built-in Llama 2 chat format (the tokenizer has none)")
-    else:
+    choice = choose_chat_template(settings, tokenizer)
+    if choice.template is None:
         log.warning(
             "chat template: none (the tokenizer has none and %s is not a Llama 2 chat model): "
             "'messages' jobs will fail; set CUSTOM_CHAT_TEMPLATE to serve them",
             settings.model_name,
         )
+    elif not choice.faithful:
+        log.warning("chat template: %s; set CUSTOM_CHAT_TEMPLATE to fix it", choice.source)
+    else:
+        log.info("chat template: %s", choice.source)
 
 
 def render_chat(
@@ -154,6 +172,10 @@ def chat_prompt(
     """The rendered prompt of a job's ``messages`` with the worker's chat template."""
     template = chat_template_for(settings, tokenizer)
     return render_chat(messages, template, tokenizer, settings.model_name)
+
+
+def _names(settings: Settings) -> tuple[str, str]:
+    return settings.model_name, settings.tokenizer_name or ""
 
 
 def _tokenizer_template(tokenizer: Any) -> str | None:

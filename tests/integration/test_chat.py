@@ -14,10 +14,11 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
-from helpers import collect, llama2_reference_ids
+from helpers import collect, llama2_reference_ids, sentencepiece_llama_tokenizer
 from vllm_worker.chat import chat_prompt, chat_template_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
+from vllm_worker.tiny_model import LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
 from vllm_worker.worker import Handler, make_handler
 
@@ -148,20 +149,24 @@ def test_an_invalid_conversation_fails_naming_the_message_and_the_next_job_works
     assert run(collect(handler, good))[-1]["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize("with_own_template", [True, False])
+@pytest.mark.parametrize("tokenizer_kind", ["own template", "no template", "sentencepiece"])
 def test_vllms_chat_serving_renders_the_same_ids(
-    engine: Engine, settings: Settings, with_own_template: bool
+    engine: Engine, settings: Settings, tokenizer_kind: str
 ) -> None:
     # What vLLM's /v1/chat/completions does with the template chat_template_for gives it
     # (the OpenAI route): the same ids as a messages job, so both routes agree.
     from vllm.renderers.hf import safe_apply_chat_template
 
     tokenizer = engine.tokenizer
-    llama2 = settings
-    if not with_own_template:
+    llama2 = settings.model_copy(update={"model_name": "meta-llama/Llama-2-7b-chat-hf"})
+    if tokenizer_kind == "no template":
         tokenizer = build_tokenizer()
         tokenizer.chat_template = None  # type: ignore[attr-defined]
-        llama2 = settings.model_copy(update={"model_name": "meta-llama/Llama-2-7b-chat-hf"})
+    elif tokenizer_kind == "sentencepiece":  # no word start after <s>: the spaced template
+        contents = [message["content"] for message in CONVERSATION]
+        tokenizer = sentencepiece_llama_tokenizer(
+            contents, legacy=False, chat_template=HUB_LLAMA2_TEMPLATE
+        )
     template = chat_template_for(llama2, tokenizer)
     assert template is not None
     vllm_ids = safe_apply_chat_template(

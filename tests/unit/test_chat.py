@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from helpers import llama2_reference_ids as reference_ids
+from helpers import sentencepiece_llama_tokenizer
 from vllm_worker.chat import (
     LLAMA2_CHAT_TEMPLATE,
+    LLAMA2_CHAT_TEMPLATE_SPACED,
     chat_prompt,
     chat_template_for,
     is_llama2_chat,
@@ -21,7 +23,9 @@ from vllm_worker.chat import (
     render_chat,
 )
 from vllm_worker.errors import InvalidInputError, SettingsError
+from vllm_worker.llama2_chat import template_for
 from vllm_worker.settings import Settings
+from vllm_worker.tiny_model import LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
 
 Message = dict[str, str]
@@ -231,8 +235,8 @@ def test_start_up_says_which_template_chat_input_uses(
     log_chat_template(Settings(model_name="meta-llama/Llama-2-7b-hf"), bare_tokenizer)
     assert [record.getMessage() for record in caplog.records][:3] == [
         "chat template: CUSTOM_CHAT_TEMPLATE",
-        "chat template: the tokenizer's own",
-        "chat template: the built-in Llama 2 chat format (the tokenizer has none)",
+        "chat template: the tokenizer's own: gives Meta's reference token ids",
+        "chat template: the built-in Llama 2 template: gives Meta's reference token ids",
     ]
     last = caplog.records[3]
     assert last.levelname == "WARNING"
@@ -248,3 +252,54 @@ def test_custom_chat_template_must_be_template_text_not_a_file_name() -> None:
     )
     template = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": CUSTOM_LLAMA2_TEMPLATE})
     assert template.custom_chat_template == CUSTOM_LLAMA2_TEMPLATE.strip()
+
+
+# --- a sentencepiece-style Llama tokenizer, as transformers 5 builds Llama 2's ------------
+
+
+def llama_tokenizer(*, legacy: bool, chat_template: str | None) -> Any:
+    texts = [m["content"] for c in CONVERSATIONS.values() for m in c]
+    return sentencepiece_llama_tokenizer(texts, legacy=legacy, chat_template=chat_template)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_without_a_word_start_after_specials_the_spaced_template_gives_metas_ids(
+    name: str,
+) -> None:
+    tokenizer = llama_tokenizer(legacy=False, chat_template=HUB_LLAMA2_TEMPLATE)
+    messages = CONVERSATIONS[name]
+    expected = reference_ids(tokenizer, messages)
+    # The trap: the Hub's own template, rendered and encoded at once, is off Meta's ids.
+    own = render_chat(messages, HUB_LLAMA2_TEMPLATE, tokenizer, "m").token_ids
+    assert own != expected
+    assert tokenizer.convert_ids_to_tokens(own[:2]) == ["<s>", "["]
+    assert tokenizer.convert_ids_to_tokens(expected[:2]) == ["<s>", "\u2581["]
+
+    assert chat_template_for(LLAMA2_CHAT, tokenizer) is LLAMA2_CHAT_TEMPLATE_SPACED
+    assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == expected
+    # The same without any template of its own.
+    bare = llama_tokenizer(legacy=False, chat_template=None)
+    assert chat_prompt(LLAMA2_CHAT, bare, messages).token_ids == reference_ids(bare, messages)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_with_a_word_start_after_specials_the_hubs_template_is_kept(name: str) -> None:
+    tokenizer = llama_tokenizer(legacy=True, chat_template=HUB_LLAMA2_TEMPLATE)
+    messages = CONVERSATIONS[name]
+    assert chat_template_for(LLAMA2_CHAT, tokenizer) == HUB_LLAMA2_TEMPLATE
+    assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == reference_ids(
+        tokenizer, messages
+    )
+
+
+def test_when_no_template_gives_metas_ids_the_own_one_is_kept_and_said() -> None:
+    tokenizer = llama_tokenizer(legacy=True, chat_template=None)
+
+    def never_metas(messages: Any, template: str) -> list[int]:
+        return []
+
+    def refusing(messages: Any, template: str) -> list[int]:
+        raise InvalidInputError("messages: the chat template refused it")
+
+    assert template_for("own", tokenizer, never_metas) == ("own", False)
+    assert template_for(None, tokenizer, refusing) == (LLAMA2_CHAT_TEMPLATE, False)
