@@ -4,7 +4,9 @@ Reads the job from ``--test_input`` or, failing that, ``./test_input.json`` (bot
 ``{"input": {...}}`` as RunPod sends it), checks the input before loading the model (a
 bad input fails in a second, not after the engine's start-up), runs the job through the
 same handler as production, prints every chunk as it is produced and then the final
-output. Exit code 0 when the job succeeded, 1 when it failed.
+output. Exit code 0 when the job succeeded, 1 when it failed. An OpenAI-route input
+(``{"openai_route": ..., "openai_input": ...}``) runs through the OpenAI routes; a
+streamed one prints each output's server-sent-event text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_worker.errors import InvalidInputError, WorkerError
+from vllm_worker.openai_input import is_openai_job, parse_openai_job
 from vllm_worker.schema import parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
@@ -29,22 +32,27 @@ LOCAL_JOB_ID = "local-test"
 def run(argv: Sequence[str], settings: Settings) -> int:
     try:
         job = _read_job(argv)
-        parse_job_input(job["input"], max_n=settings.max_n)
+        if is_openai_job(job["input"]):
+            parse_openai_job(job["input"], max_n=settings.max_n)
+        else:
+            parse_job_input(job["input"], max_n=settings.max_n)
     except WorkerError as error:
         print(f"Job failed: {error.kind}: {error.message}", file=sys.stderr)
         return 1
 
     from vllm_worker.main import start_engine
+    from vllm_worker.openai_routes import OpenAIRoutes
     from vllm_worker.worker import make_handler
 
     engine = start_engine(settings)
     if engine is None:
         return 1
     try:
-        final = asyncio.run(_print_chunks(make_handler(engine, settings), job))
+        handler = make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
+        final = asyncio.run(_print_chunks(handler, job))
     finally:
         engine.shutdown()
-    if "error" in final:
+    if isinstance(final, dict) and "error" in final:
         print(f"Job failed: {final['error']}", file=sys.stderr)
         return 1
     print(f"Job result: {json.dumps({'output': final}, ensure_ascii=False)}", flush=True)
@@ -73,12 +81,12 @@ def _read_job(argv: Sequence[str]) -> dict[str, Any]:
     return {"id": LOCAL_JOB_ID, "input": job["input"]}
 
 
-async def _print_chunks(handler: Any, job: dict[str, Any]) -> Chunk:
+async def _print_chunks(handler: Any, job: dict[str, Any]) -> Chunk | str:
     """Print each chunk as it comes; return the last one (the final output or the error)."""
-    last: Chunk = {}
+    last: Chunk | str = {}
     number = 0
     async for chunk in handler(job):
-        if "error" in chunk:
+        if isinstance(chunk, dict) and "error" in chunk:
             return dict(chunk)
         number += 1
         print(f"chunk {number}: {json.dumps(chunk, ensure_ascii=False)}", flush=True)

@@ -102,6 +102,10 @@ def test_a_job_the_engine_refuses_exits_non_zero(
         ('{"input": {"promt": "x"}}', "promt: unknown field"),
         ("{not json", "Job failed: invalid_input: --test_input is not valid JSON"),
         ('{"prompt": "x"}', 'must be a JSON object {"input": {...}}'),
+        (
+            '{"input": {"openai_route": "/v1/embeddings"}}',
+            "Job failed: invalid_input: openai_route: '/v1/embeddings' is not served",
+        ),
     ],
 )
 def test_bad_input_fails_before_the_engine_starts(
@@ -124,3 +128,29 @@ def test_invalid_setting_stops_start_up(worker_env: dict[str, str], tmp_path: Pa
     result = run_handler(env, tmp_path, "--test_input", '{"input": {"prompt": "x"}}', timeout=60)
     assert result.returncode == 2
     assert "GPU_MEMORY_UTILIZATION='2' is invalid: must be less than or equal to 1" in result.stderr
+
+
+@pytest.mark.engine
+def test_an_openai_route_input_runs_through_the_openai_routes(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    request = {
+        "input": {
+            "openai_route": "/v1/chat/completions",
+            "openai_input": {
+                "model": Path(worker_env["MODEL_NAME"]).name,
+                "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 8,
+                "stream": True,
+            },
+        }
+    }
+    result = run_handler(worker_env, tmp_path, "--test_input", json.dumps(request))
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = "".join(
+        json.loads(line.split(": ", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("chunk ")
+    )
+    assert events.startswith('data: {"id":"chatcmpl-')
+    assert events.endswith("data: [DONE]\n\n")
