@@ -148,7 +148,7 @@ class JobInput(_Strict):
     @classmethod
     def _no_echo_for_messages(cls, data: Any) -> Any:
         # A chat client wants the answer, not the rendered template: echo defaults to off.
-        if isinstance(data, dict) and "messages" in data and "echo" not in data:
+        if isinstance(data, dict) and data.get("messages") is not None and "echo" not in data:
             return {**data, "echo": False}
         return data
 

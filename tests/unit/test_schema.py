@@ -181,6 +181,7 @@ def test_echo_is_off_by_default_for_messages_and_on_for_a_prompt() -> None:
     assert parse(chat(USER, echo=True)).echo is True
     assert parse({"prompt": "Hi"}).echo is True
     assert parse({"prompt": "Hi", "echo": False}).echo is False
+    assert parse({"prompt": "Hi", "messages": None}).echo is True  # null: no messages
 
 
 @pytest.mark.parametrize(
