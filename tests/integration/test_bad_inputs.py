@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, malformed_input
 from helpers import collect
 from vllm_worker.engine import Engine
+from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
 from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
 from vllm_worker.openai_routes import OpenAIRoutes
 from vllm_worker.settings import Settings
@@ -226,4 +227,30 @@ def test_no_job_can_choose_a_template_or_read_a_file(
         error = chunks[0]["error"]
         assert expected in error, error
         assert "c2-file-content" not in error and MARKER not in error
+    assert_engine_serves(run, handler, engine)
+
+
+def test_an_internal_failure_is_a_stable_message_and_a_logged_traceback(
+    run: Run,
+    handler: Handler,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken_tokenizer(text: str) -> list[int]:
+        raise RuntimeError("injected tokenizer fault")
+
+    monkeypatch.setattr(engine, "tokenize", broken_tokenizer)
+    with caplog.at_level(logging.INFO):
+        chunks = run(collect(handler, {"prompt": PROMPT}))
+    assert chunks == [{"error": f"internal_error: {INTERNAL_ERROR_MESSAGE}"}]
+    assert INTERNAL_ERROR_MESSAGE == (
+        "Internal error in the worker; the details are in the worker log."
+    )
+    (record,) = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert "failed with an internal error" in record.getMessage()
+    assert record.exc_info is not None
+    assert "injected tokenizer fault" in caplog.text  # the traceback, in the log only
+    assert "Traceback" in caplog.text
+    monkeypatch.undo()
     assert_engine_serves(run, handler, engine)
