@@ -22,6 +22,7 @@ RunPod relays it to the HTTP client:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -155,12 +156,16 @@ def _invalid_request(error: ValidationError) -> OpenAIRequestError:
     )
 
 
+# vLLM's validation errors end with "(parameter=..., value=...)"; the value may be the
+# client's text (all of bad_words), and errors are logged: it is cut off.
+_VALUE_SUFFIX = re.compile(r" \((?:parameter=[^,()]*, )?value=.*\)$", re.DOTALL)
+
+
 def _to_worker_error(response: ErrorResponse) -> WorkerError:
     """vLLM's error response as the worker's error: its status, type and parameter kept
     for client errors; a server error is the engine's."""
     info = response.error
+    message = _VALUE_SUFFIX.sub("", info.message)
     if info.code < 500:
-        return OpenAIRequestError(
-            info.message, status=info.code, error_type=info.type, param=info.param
-        )
-    return EngineError(info.message)
+        return OpenAIRequestError(message, status=info.code, error_type=info.type, param=info.param)
+    return EngineError(message)

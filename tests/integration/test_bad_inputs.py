@@ -194,12 +194,18 @@ def test_an_input_too_large_to_read_is_refused_before_it_is_read(
     assert_engine_serves(run, handler, engine)
 
 
+@pytest.fixture(scope="module")
+def openai_handler(engine: Engine, settings: Settings) -> Handler:
+    """The handler with the OpenAI routes too, as the worker builds it."""
+    return make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
+
+
 def test_no_job_can_choose_a_template_or_read_a_file(
-    run: Run, engine: Engine, settings: Settings, tmp_path: Path
+    run: Run, engine: Engine, settings: Settings, openai_handler: Handler, tmp_path: Path
 ) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("c2-file-content-that-must-not-leak")
-    handler = make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
+    handler = openai_handler
     user = {"role": "user", "content": PROMPT}
     image = {"type": "image_url", "image_url": {"url": f"file://{secret}"}}
     template = "{{ 'anything' }}"
@@ -254,3 +260,16 @@ def test_an_internal_failure_is_a_stable_message_and_a_logged_traceback(
     assert "Traceback" in caplog.text
     monkeypatch.undo()
     assert_engine_serves(run, handler, engine)
+
+
+def test_openai_route_errors_repeat_no_text(
+    run: Run, engine: Engine, settings: Settings, openai_handler: Handler
+) -> None:
+    body = {"model": served_model_name(settings), "prompt": PROMPT, "max_tokens": 4}
+    for bad in ({"bad_words": [MARKER, " "]}, {"stop_token_ids": [VOCAB_SIZE]}, {"logprobs": 50}):
+        job = {"openai_route": COMPLETIONS, "openai_input": {**body, **bad}}
+        (chunk,) = run(collect(openai_handler, job))
+        error = json.loads(chunk["error"])["error"]
+        assert error["code"] == 400 and error["param"] == next(iter(bad)), error
+        assert MARKER not in error["message"] and "value=" not in error["message"], error
+    assert_engine_serves(run, openai_handler, engine)
