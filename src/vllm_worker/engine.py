@@ -5,19 +5,26 @@ This module (and ``engine_args``) are the only ones that import vLLM.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from vllm import AsyncLLMEngine, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+from vllm.v1.metrics.loggers import StatLoggerBase
 
+from vllm_worker.admission import EngineLoad
 from vllm_worker.engine_args import build_engine_args
 from vllm_worker.engine_types import EngineUpdate, GenerationRequest, SequenceDelta, TokenLogprob
-from vllm_worker.errors import InvalidInputError
+from vllm_worker.errors import EngineError, InvalidInputError
+from vllm_worker.lifecycle import ENGINE_DEAD_MESSAGE
 from vllm_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,17 +33,35 @@ log = logging.getLogger(__name__)
 class Engine:
     """One vLLM ``AsyncLLMEngine`` shared by every job of the worker."""
 
-    def __init__(self, engine: Any, tokenizer: Any, max_model_len: int) -> None:
+    def __init__(
+        self, engine: Any, tokenizer: Any, max_model_len: int, load: _LoadRecorder | None = None
+    ) -> None:
         # The vLLM engine itself, for benchmarks and tests that compare against it.
         self.async_llm = engine
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self._load = load
+        self._aborts: set[asyncio.Future[None]] = set()  # abort calls in flight
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
         """Load the model and start the engine's processes (seconds to minutes)."""
-        engine = AsyncLLMEngine.from_engine_args(build_engine_args(settings))
-        return cls(engine, engine.get_tokenizer(), engine.model_config.max_model_len)
+        load = _LoadRecorder()
+        # A stat logger of our own turns on the scheduler's stats without vLLM's default
+        # loggers (no periodic log lines); it keeps the latest for admission.
+        engine = AsyncLLMEngine.from_engine_args(
+            build_engine_args(settings), stat_loggers=[lambda _config, _index: load]
+        )
+        return cls(engine, engine.get_tokenizer(), engine.model_config.max_model_len, load)
+
+    def load(self) -> EngineLoad | None:
+        """The scheduler's state after its latest step (None before the first one)."""
+        return None if self._load is None else self._load.latest
+
+    def is_dead(self) -> bool:
+        """True once the engine cannot serve any more (its core process died, its output
+        loop failed, or it was shut down): only a new process can serve again."""
+        return self.async_llm is None or bool(self.async_llm.errored)
 
     @property
     def tokenizer(self) -> Any:
@@ -59,28 +84,118 @@ class Engine:
         """
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         held: dict[int, list[Any]] = {}  # sequence index -> its completions not yet yielded
+        progress = _Progress(request.request_id)
+        outputs: Any = None
         try:
-            # Inside the try: SamplingParams checks some values itself as it is built.
-            params = _to_vllm_params(request)
-            async for output in self.async_llm.generate(prompt, params, request.request_id):
-                for completion in output.outputs:
-                    held.setdefault(completion.index, []).append(completion)
-                if output.finished or emit is None or emit(time.perf_counter()):
-                    yield _to_update(output, held, self._tokenizer)
-                    held = {}
+            with self._aborted_if_abandoned(progress):
+                # Inside the try: SamplingParams checks some values itself as it is built.
+                params = _to_vllm_params(request)
+                outputs = self.async_llm.generate(prompt, params, request.request_id)
+                async for output in outputs:
+                    for completion in output.outputs:
+                        held.setdefault(completion.index, []).append(completion)
+                        progress.tokens += len(completion.token_ids)
+                    if output.finished or emit is None or emit(time.perf_counter()):
+                        yield _to_update(output, held, self._tokenizer)
+                        held = {}
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while waiting on vLLM, its generator has aborted the request
+            # already; closed at a yield (here), it aborts it as it is closed now.
+            if outputs is not None:
+                await outputs.aclose()
+            progress.log_abort("")
+            raise
         except VLLMValidationError as error:
             # Values only the engine can check (e.g. token ids outside the vocabulary).
             field = f"sampling_params.{error.parameter}" if error.parameter else "input"
             # args[0]: the message without str()'s "value=...", which may be the client's
             # text (bad_words): errors are logged.
             raise InvalidInputError(f"{field}: {error.args[0]}") from None
+        except (EngineDeadError, EngineGenerateError):
+            if not self.is_dead():
+                raise  # one request failed, not the engine: an internal error
+            raise EngineError(ENGINE_DEAD_MESSAGE) from None
+
+    @contextlib.contextmanager
+    def _aborted_if_abandoned(self, progress: _Progress) -> Iterator[None]:
+        """Abort the request if the caller's task ends while the request runs.
+
+        vLLM aborts a request whose generator is cancelled or closed. A task cancelled
+        while it awaits something else (the runpod SDK posting a chunk) leaves the
+        generator suspended until garbage collection closes it; this aborts it at once.
+        """
+        caller = asyncio.current_task()
+        live = True
+
+        def abort_if_abandoned(_task: asyncio.Task[Any]) -> None:
+            if live:
+                aborting = asyncio.ensure_future(self._abort(progress))
+                self._aborts.add(aborting)  # a reference until it is done
+                aborting.add_done_callback(self._aborts.discard)
+
+        if caller is not None:
+            caller.add_done_callback(abort_if_abandoned)
+        try:
+            yield
+        finally:
+            live = False
+            if caller is not None:
+                caller.remove_done_callback(abort_if_abandoned)
+
+    async def _abort(self, progress: _Progress) -> None:
+        if self.async_llm is not None and not self.is_dead():
+            await self.async_llm.abort(progress.request_id)
+            progress.log_abort(" (its job's task ended)")
 
     def shutdown(self) -> None:
         """Stop the engine's processes (they would outlive a killed parent)."""
-        self.async_llm.shutdown()
+        if self.async_llm is None:
+            return
+        try:
+            self.async_llm.shutdown()
+        except Exception:  # a dead engine's: its processes are gone or going anyway
+            log.warning("stopping the engine failed", exc_info=True)
         # Drop the engine now: its __del__ shuts down again, which fails noisily when
         # it only runs at interpreter exit.
         self.async_llm = None
+
+
+@dataclass
+class _Progress:
+    """A request's progress, for the log line that says it was aborted (no text)."""
+
+    request_id: str
+    tokens: int = 0
+    aborted: bool = False
+
+    def log_abort(self, why: str) -> None:
+        if not self.aborted:
+            self.aborted = True
+            log.info("request %s aborted after %d tokens%s", self.request_id, self.tokens, why)
+
+
+class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
+    """Keeps the scheduler's latest stats (vLLM calls ``record`` after every step)."""
+
+    def __init__(self) -> None:  # vLLM's factories pass (config, index); ours is a closure
+        self.latest: EngineLoad | None = None
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self.latest = EngineLoad(
+                running=scheduler_stats.num_running_reqs,
+                waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                kv_cache_usage=scheduler_stats.kv_cache_usage,
+            )
+
+    def log_engine_initialized(self) -> None:
+        pass
 
 
 def _to_vllm_params(request: GenerationRequest) -> SamplingParams:

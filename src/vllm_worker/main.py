@@ -76,9 +76,9 @@ def _configure_logging(settings: Settings) -> None:
 
 def _serve(settings: Settings) -> int:
     """Hand the handler to the runpod SDK, which runs its job loop until shutdown."""
-    import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
+    from vllm_worker import job_loop
     from vllm_worker.worker import make_handler
 
     RunPodLogger().set_level(
@@ -91,19 +91,14 @@ def _serve(settings: Settings) -> int:
         from vllm_worker.openai_routes import OpenAIRoutes
 
         openai_routes = OpenAIRoutes.build(engine, settings)
-        runpod.serverless.start(
-            {
-                "handler": make_handler(engine, settings, openai_routes),
-                "return_aggregate_stream": True,
-                # Many jobs at once: vLLM batches them on the GPU.
-                "concurrency_modifier": lambda _current: settings.max_concurrency,
-            }
-        )
+        # The SDK's job loop with the worker's life cycle (SIGTERM, a dead engine) and
+        # admission; it returns once the jobs it took are posted.
+        exit_code = job_loop.serve(engine, settings, make_handler(engine, settings, openai_routes))
     finally:
-        # The SDK returns after SIGTERM once in-flight jobs are posted: stop the engine's
-        # processes cleanly instead of leaving them to interpreter teardown.
+        # Stop the engine's processes cleanly instead of leaving them to interpreter
+        # teardown.
         engine.shutdown()
-    return 0
+    return exit_code
 
 
 def start_engine(settings: Settings) -> Engine | None:
@@ -119,7 +114,15 @@ def start_engine(settings: Settings) -> Engine | None:
         log_chat_template(settings, engine.tokenizer)
         return engine
     except SettingsError as error:
-        log.error("cannot start: %s", error)
-    except Exception:
+        print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
+    except Exception as error:
         log.exception("the engine failed to start for MODEL_NAME=%r", settings.model_name)
+        # The last line of the log says it in one line (the traceback is vLLM's, and the
+        # root cause of an engine process's failure is logged by that process, above).
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        print(
+            f"vllm-worker: cannot start: the engine failed to start: "
+            f"{type(error).__name__}: {first_line}",
+            file=sys.stderr,
+        )
     return None

@@ -244,6 +244,14 @@ def read_manifest(settings: Settings) -> BakedModel | None:
 def prepare(settings: Settings) -> Settings:
     """Read the manifest, check it against the settings, log where the model comes
     from; the settings to start the engine with. ``SettingsError`` when they cannot work."""
+    name = settings.model_name
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        # Else vLLM takes it for a Hub repo id and fails with a confusing message.
+        raise SettingsError(
+            f"MODEL_NAME={name!r} is invalid: no such directory (a local model is a folder "
+            "with its config.json; a Hugging Face model is a repo id such as "
+            "meta-llama/Llama-2-7b-chat-hf)"
+        )
     source = resolve(
         settings,
         read_manifest(settings),

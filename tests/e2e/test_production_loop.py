@@ -285,6 +285,9 @@ def _production_env(base: dict[str, str], platform: Platform) -> dict[str, str]:
             "ENFORCE_EAGER": "true",
             "MAX_CONCURRENCY": str(MAX_CONCURRENCY),
             "LOG_LEVEL": "INFO",
+            # The SIGTERM test's job must finish, however slow the machine: it tests the
+            # drain (the abort after the grace period: tests/e2e/test_lifecycle.py).
+            "SHUTDOWN_GRACE_SECONDS": "600",
         }
     )
     return env

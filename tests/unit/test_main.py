@@ -27,3 +27,12 @@ def test_bad_setting_stops_start_up_with_exit_code_2(capsys: pytest.CaptureFixtu
     assert main([], environ={"MAX_MODEL_LEN": "lots"}) == 2
     error = capsys.readouterr().err
     assert error.startswith("vllm-worker: cannot start: MAX_MODEL_LEN='lots' is invalid")
+
+
+def test_a_model_folder_that_is_not_there_stops_start_up(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main([], environ={"MODEL_NAME": "/no/such/model"}) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vllm-worker: cannot start: MODEL_NAME='/no/such/model' is invalid")
+    assert "no such directory" in error

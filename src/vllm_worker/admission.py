@@ -1,0 +1,41 @@
+"""Admission: how many jobs the worker may hold, from the engine's load (a pure policy).
+
+RunPod hands a worker as many jobs as its ``concurrency_modifier`` allows. A worker that
+takes ``MAX_CONCURRENCY`` jobs while its engine is full only queues them inside vLLM,
+where they wait although another worker could start them now. So the worker takes new
+jobs only while the engine has room: no request waits in vLLM's scheduler queue and the
+KV cache is not nearly full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# KV-cache use (0-1) from which the engine counts as full: running requests grow their
+# cache as they generate, and past this point vLLM soon preempts or queues new ones.
+KV_CACHE_FULL = 0.9
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """The engine scheduler's state after its latest step (vLLM's ``SchedulerStats``)."""
+
+    running: int  # requests being generated
+    waiting: int  # requests in the scheduler's queue (no room for them yet)
+    kv_cache_usage: float  # fraction of the KV cache in use, 0-1
+
+
+def allowed_concurrency(load: EngineLoad | None, held: int, max_concurrency: int) -> int:
+    """How many jobs the worker may hold now, ``held`` being those it holds (running or
+    taken and about to start).
+
+    With room in the engine: ``max_concurrency``. When it is full: ``held``, so that no
+    new job comes and none already taken is left without a slot (never below 1: a worker
+    that holds no job has an idle engine, whatever its last stats said).
+    """
+    if load is None or held == 0:
+        return max_concurrency
+    full = load.waiting > 0 or load.kv_cache_usage >= KV_CACHE_FULL
+    if not full:
+        return max_concurrency
+    return max(1, min(held, max_concurrency))

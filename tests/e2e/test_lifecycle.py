@@ -1,0 +1,231 @@
+"""End to end: the worker's life cycle under the local endpoint, on the real engine.
+
+Cancelled and timed-out jobs stop generating at once, SIGTERM aborts what outlives the
+grace period and exits 0, and a dead engine fails every job in flight and exits
+non-zero. The endpoint (``tests/endpoint_process.py``) runs the worker in RunPod's
+production mode; what the engine did is read from the worker's log, which the endpoint's
+log holds: ``request <job id>-<suffix> aborted ...`` is written once vLLM aborted it.
+
+One endpoint serves the module (its worker's grace period is 1 s) until the SIGTERM test
+stops it; the engine-death test starts its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from endpoint_process import (
+    JOB_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    EndpointProcess,
+    start_endpoint,
+    status,
+    submit,
+)
+from helpers import REPO_ROOT, group_members
+
+pytestmark = pytest.mark.engine
+
+LONG_TOKENS = 1900  # the endpoint's worker has MAX_MODEL_LEN=2048
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EndpointProcess]:
+    workdir = tmp_path_factory.mktemp("lifecycle")
+    with start_endpoint(worker_env, workdir, {"SHUTDOWN_GRACE_SECONDS": "1"}) as process:
+        yield process
+
+
+def long_job(number: int, n: int = 1) -> dict[str, Any]:
+    return {
+        "prompt": f"Job {number}: a very long story",
+        "sampling_params": {"n": n, "max_tokens": LONG_TOKENS, "ignore_eos": True},
+    }
+
+
+def wait_all(endpoint: EndpointProcess, job_ids: list[str], states: set[str]) -> dict[str, Any]:
+    """Poll until every job is in one of ``states``; their last status bodies."""
+    deadline = time.monotonic() + 2 * JOB_TIMEOUT_S
+    bodies: dict[str, Any] = {}
+    while True:
+        for job_id in job_ids:
+            if bodies.get(job_id, {}).get("status") not in FINAL:
+                bodies[job_id] = status(endpoint, job_id)
+        if all(body["status"] in states for body in bodies.values()):
+            return bodies
+        endpoint.check_alive()
+        assert time.monotonic() < deadline, {i: b["status"] for i, b in bodies.items()}
+        time.sleep(0.1)
+
+
+def wait_streaming(endpoint: EndpointProcess, job_ids: list[str]) -> None:
+    """Until each job has streamed a chunk: its request runs in the engine."""
+    pending = set(job_ids)
+    deadline = time.monotonic() + 2 * JOB_TIMEOUT_S
+    while pending:
+        for job_id in list(pending):
+            seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
+            assert seen["status"] in {"IN_QUEUE", "IN_PROGRESS"}, seen
+            if seen["stream"]:
+                pending.discard(job_id)
+        assert time.monotonic() < deadline, f"not streaming: {pending}"
+        time.sleep(0.05)
+
+
+def aborted_tokens(log: str, job_id: str) -> int | None:
+    """Tokens the engine had generated when it aborted the job's request (worker log)."""
+    found = re.search(rf"request {re.escape(job_id)}-\w+ aborted after (\d+) tokens", log)
+    return None if found is None else int(found.group(1))
+
+
+def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
+    endpoint: EndpointProcess,
+) -> None:
+    jobs = [submit(endpoint, long_job(number)) for number in range(20)]
+    # RunPod's execution timeout stops a job through the same channel as a cancel.
+    timed = requests.post(
+        f"{endpoint.url}/run",
+        json={"input": long_job(20, n=2), "policy": {"executionTimeout": 5000}},
+        timeout=10,
+    ).json()["id"]
+    wait_streaming(endpoint, jobs)
+    to_cancel, to_finish = jobs[:10], jobs[10:]
+    for job_id in to_cancel:
+        reply = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
+        assert reply == {"id": job_id, "status": "CANCELLED"}
+
+    finished = wait_all(endpoint, to_finish, {"COMPLETED"})
+    for body in finished.values():
+        final = body["output"][-1]
+        assert final["finish_reason"] == ["length"]
+        assert final["usage"]["completion_tokens"] == LONG_TOKENS
+
+    # Each cancelled job's vLLM request was aborted, long before it could have ended.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while any(aborted_tokens(endpoint.log(), job_id) is None for job_id in to_cancel):
+        endpoint.check_alive()
+        assert time.monotonic() < deadline, endpoint.log_tail()
+        time.sleep(0.2)
+    log = endpoint.log()
+    at_abort = [aborted_tokens(log, job_id) or 0 for job_id in to_cancel]
+    assert max(at_abort) < LONG_TOKENS / 2, at_abort
+    for job_id in to_cancel:
+        assert status(endpoint, job_id)["status"] == "CANCELLED"
+        assert f"job {job_id} done:" not in log  # the handler never finished it
+    print(f"cancelled jobs: tokens generated when their requests were aborted: {at_abort}")
+
+    timed_body = wait_all(endpoint, [timed], FINAL)[timed]
+    if timed_body["status"] == "COMPLETED":  # a machine fast enough to write 4k tokens in 5 s
+        print("the execution-timeout job finished within 5 s: nothing to stop")
+        return
+    assert timed_body["status"] == "TIMED_OUT"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (tokens := aborted_tokens(endpoint.log(), timed)) is None:
+        assert time.monotonic() < deadline, endpoint.log_tail()
+        time.sleep(0.2)
+    assert tokens < 2 * LONG_TOKENS
+    print(f"timed-out job: {tokens} of {2 * LONG_TOKENS} tokens when it was aborted")
+
+
+def test_sigterm_aborts_the_jobs_left_after_the_grace_period_and_exits_0(
+    endpoint: EndpointProcess,
+) -> None:
+    """Runs last in the module's endpoint: it stops its worker (grace period 1 s)."""
+    jobs = [submit(endpoint, long_job(number, n=4)) for number in range(4)]
+    wait_streaming(endpoint, jobs)
+    os.kill(endpoint.worker_pid, signal.SIGTERM)
+    bodies = wait_all(endpoint, jobs, FINAL)
+    for body in bodies.values():
+        assert body["status"] == "FAILED", body
+        assert body["error"].startswith("engine_error: the worker is shutting down (SIGTERM)")
+        assert "SHUTDOWN_GRACE_SECONDS" in body["error"]
+    log = endpoint.log()
+    for job_id in jobs:
+        tokens = aborted_tokens(log, job_id)
+        assert tokens is not None and tokens < 4 * LONG_TOKENS, (job_id, tokens)
+    # The worker exits 0 once they are posted; the endpoint, left without it, stops.
+    assert endpoint.proc.wait(STOP_TIMEOUT_S) == 1
+    # Every job was posted before the exit: none was left for the endpoint to fail.
+    assert "the worker exited with code 0; 0 jobs in progress failed" in endpoint.log()
+
+
+def engine_core(worker_pid: int) -> int:
+    cores = [
+        int(member.split()[0])
+        for member in group_members(worker_pid)
+        if member.split()[1:2] == ["VLLM::EngineCore"]
+    ]
+    assert len(cores) == 1, group_members(worker_pid)
+    return cores[0]
+
+
+def test_killing_the_engine_fails_the_jobs_in_flight_and_the_worker_exits_1(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with start_endpoint(worker_env, tmp_path_factory.mktemp("engine-death")) as endpoint:
+        jobs = [submit(endpoint, long_job(number, n=2)) for number in range(6)]
+        wait_streaming(endpoint, jobs)
+        os.kill(engine_core(endpoint.worker_pid), signal.SIGKILL)
+        killed_at = time.monotonic()
+        bodies = wait_all(endpoint, jobs, FINAL)
+        failed_after = time.monotonic() - killed_at
+        for body in bodies.values():
+            assert body["status"] == "FAILED", body
+            assert body["error"] == (
+                "engine_error: the engine stopped (its process died); this worker exits and "
+                "is replaced: retry the job"
+            )
+        # It takes no more jobs and exits non-zero; the endpoint, left without it, stops.
+        assert endpoint.proc.wait(STOP_TIMEOUT_S) == 1
+        assert "the worker exited with code 1; 0 jobs in progress failed" in endpoint.log()
+        print(f"engine killed: all 6 jobs FAILED within {failed_after:.1f} s")
+
+
+def test_an_engine_that_cannot_start_exits_1_at_once_with_one_line(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Production mode, a KV cache larger than the machine's memory (an out-of-memory
+    start): the worker exits 1 before it asks for a job, and says why in one line."""
+    env = {
+        **worker_env,
+        # Nothing listens there: the worker must fail before it polls.
+        "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/v2/none/job-take/$ID?token=t",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "KV_CACHE_MEMORY_BYTES": str(10**13),  # 10 TB
+    }
+    result = subprocess.run(
+        [sys.executable, "-u", str(REPO_ROOT / "src" / "handler.py")],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1
+    summary = [
+        line for line in result.stderr.splitlines() if line.startswith("vllm-worker: cannot start")
+    ]
+    assert summary == [
+        "vllm-worker: cannot start: the engine failed to start: RuntimeError: Engine core "
+        "initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}"
+    ], result.stderr[-3000:]
+    # The root cause, from the engine's process, is in the log above it.
+    assert "less than requested memory for kv" in result.stderr
+    assert "job-take" not in result.stderr
