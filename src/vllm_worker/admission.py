@@ -3,8 +3,8 @@
 RunPod hands a worker as many jobs as its ``concurrency_modifier`` allows. A worker that
 takes ``MAX_CONCURRENCY`` jobs while its engine is full only queues them inside vLLM,
 where they wait although another worker could start them now. So the worker takes new
-jobs only while the engine has room: no request waits in vLLM's scheduler queue and the
-KV cache is not nearly full.
+jobs only while the engine has room: no request waits in vLLM's scheduler queue, fewer
+than ``MAX_NUM_SEQS`` run, and the KV cache is not nearly full.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class EngineLoad:
     running: int  # requests being generated
     waiting: int  # requests in the scheduler's queue (no room for them yet)
     kv_cache_usage: float  # fraction of the KV cache in use, 0-1
+    max_running: int  # the most requests it runs at once (MAX_NUM_SEQS)
 
 
 def allowed_concurrency(load: EngineLoad | None, held: int, max_concurrency: int) -> int:
@@ -35,7 +36,9 @@ def allowed_concurrency(load: EngineLoad | None, held: int, max_concurrency: int
     """
     if load is None or held == 0:
         return max_concurrency
-    full = load.waiting > 0 or load.kv_cache_usage >= KV_CACHE_FULL
+    full = (
+        load.waiting > 0 or load.running >= load.max_running or load.kv_cache_usage >= KV_CACHE_FULL
+    )
     if not full:
         return max_concurrency
     return max(1, min(held, max_concurrency))

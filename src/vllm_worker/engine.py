@@ -46,7 +46,7 @@ class Engine:
     @classmethod
     def start(cls, settings: Settings) -> Engine:
         """Load the model and start the engine's processes (seconds to minutes)."""
-        load = _LoadRecorder()
+        load = _LoadRecorder(settings.max_num_seqs)
         # A stat logger of our own turns on the scheduler's stats without vLLM's default
         # loggers (no periodic log lines); it keeps the latest for admission.
         engine = AsyncLLMEngine.from_engine_args(
@@ -177,7 +177,8 @@ class _Progress:
 class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
     """Keeps the scheduler's latest stats (vLLM calls ``record`` after every step)."""
 
-    def __init__(self) -> None:  # vLLM's factories pass (config, index); ours is a closure
+    def __init__(self, max_running: int) -> None:  # vLLM's own loggers get its config
+        self.max_running = max_running
         self.latest: EngineLoad | None = None
 
     def record(
@@ -192,6 +193,7 @@ class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
                 running=scheduler_stats.num_running_reqs,
                 waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
                 kv_cache_usage=scheduler_stats.kv_cache_usage,
+                max_running=self.max_running,
             )
 
     def log_engine_initialized(self) -> None:

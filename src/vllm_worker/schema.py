@@ -238,12 +238,16 @@ def _shown(value: object) -> str:
     if isinstance(value, str):
         if not value or _SHOWN_WORD.fullmatch(value):
             return repr(value)
-        return f"a string of {len(value)} characters"
+        return f"a string of {_count(len(value), 'character')}"
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
-        return f"a list of {len(value)} items"
+        return f"a list of {_count(len(value), 'item')}"
     return repr(value)[:40]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _path(location: tuple[int | str, ...]) -> str:

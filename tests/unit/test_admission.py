@@ -8,7 +8,7 @@ MAX = 64
 
 
 def load(running: int = 4, waiting: int = 0, kv: float = 0.2) -> EngineLoad:
-    return EngineLoad(running=running, waiting=waiting, kv_cache_usage=kv)
+    return EngineLoad(running=running, waiting=waiting, kv_cache_usage=kv, max_running=256)
 
 
 def test_an_engine_with_room_takes_up_to_max_concurrency() -> None:
@@ -24,7 +24,13 @@ def test_no_stats_yet_or_no_job_held_means_room() -> None:
 
 @pytest.mark.parametrize(
     "engine_load",
-    [load(waiting=1), load(waiting=12, kv=0.5), load(kv=KV_CACHE_FULL), load(kv=1.0)],
+    [
+        load(waiting=1),
+        load(waiting=12, kv=0.5),
+        load(kv=KV_CACHE_FULL),
+        load(kv=1.0),
+        load(running=256),  # MAX_NUM_SEQS: the next request would wait
+    ],
 )
 def test_a_full_engine_takes_no_new_job_and_keeps_those_held(engine_load: EngineLoad) -> None:
     # Exactly what it holds: no job is taken, and every job already taken keeps its slot.
