@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_worker.errors import EngineError, WorkerError, job_error
+from vllm_worker.errors import EngineError, WorkerError, job_error, openai_job_error
+from vllm_worker.openai_input import is_openai_job
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class State(enum.Enum):
 class _Job:
     id: str
     chunks: AsyncIterator[Any]
+    openai: bool  # a job of the OpenAI routes: its error is an OpenAI error object
     in_handler: bool = False  # the job's task waits inside the handler (e.g. on vLLM)
     aborted: bool = False  # this object cancelled the job's task
 
@@ -129,15 +131,16 @@ class Lifecycle:
 
         async def guarded(job: dict[str, Any]) -> AsyncIterator[Any]:
             job_id = str(job.get("id", "-"))
+            openai = is_openai_job(job.get("input"))
             if self._abort_error is None and self._is_engine_dead():
                 self.engine_died()
             if self._abort_error is not None:
-                yield job_error(self._abort_error, job_id)
+                yield _error(self._abort_error, job_id, openai)
                 return
             task = asyncio.current_task()
             assert task is not None
             chunks = handler(job)
-            state = self._jobs[task] = _Job(job_id, chunks)
+            state = self._jobs[task] = _Job(job_id, chunks, openai)
             # A job whose task RunPod cancels while its chunk is posted never resumes here.
             task.add_done_callback(self._forget)
             try:
@@ -156,7 +159,7 @@ class Lifecycle:
         while True:
             if self._abort_error is not None:
                 await _close(job.chunks)  # aborts the job's vLLM request
-                yield job_error(self._abort_error, job.id)
+                yield _error(self._abort_error, job.id, job.openai)
                 return
             job.in_handler = True
             try:
@@ -167,11 +170,15 @@ class Lifecycle:
                 if not job.aborted or _cancelled_by_others(task):
                     raise  # RunPod stopped the job: nothing is to be posted
                 assert self._abort_error is not None
-                yield job_error(self._abort_error, job.id)
+                yield _error(self._abort_error, job.id, job.openai)
                 return
             finally:
                 job.in_handler = False
             yield item
+
+
+def _error(error: WorkerError, job_id: str, openai: bool) -> dict[str, str]:
+    return openai_job_error(error, job_id) if openai else job_error(error, job_id)
 
 
 def _shutdown_error() -> EngineError:

@@ -7,6 +7,7 @@ guard's own rules: what a job sees when the worker drains, aborts or loses its e
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -180,5 +181,17 @@ def test_a_job_that_finds_the_engine_dead_notices_it_without_the_watcher() -> No
             {"error": f"engine_error: {ENGINE_DEAD_MESSAGE}"}
         ]
         assert (handler.calls, lifecycle.exit_code) == (0, 1)
+
+    asyncio.run(scenario())
+
+
+def test_an_openai_job_fails_with_an_openai_error_object() -> None:
+    async def scenario() -> None:
+        lifecycle, handler = Lifecycle(1.0, lambda: True), StandIn()
+        job = {"id": "o", "input": {"openai_route": "/v1/completions", "openai_input": {}}}
+        (chunk,) = [chunk async for chunk in lifecycle.guard(handler)(job)]
+        body = json.loads(chunk["error"])["error"]
+        assert body["message"] == f"engine_error: {ENGINE_DEAD_MESSAGE}"
+        assert body["code"] == 500
 
     asyncio.run(scenario())
