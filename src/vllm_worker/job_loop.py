@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from runpod.serverless.modules import rp_job
@@ -51,16 +52,10 @@ def serve(engine: Engine, settings: Settings, handler: Handler) -> int:
 
     lifecycle = Lifecycle(settings.shutdown_grace_seconds, engine.is_dead)
     progress = JobsProgress()
-
-    def concurrency_modifier(_current: int) -> int:
-        return allowed_concurrency(
-            engine.load(), progress.get_job_count(), settings.max_concurrency
-        )
-
     config: dict[str, Any] = {
         "handler": lifecycle.guard(handler),
         "return_aggregate_stream": True,
-        "concurrency_modifier": concurrency_modifier,
+        "concurrency_modifier": _admission(engine, progress, settings.max_concurrency),
         "rp_args": {},
     }
     # As runpod.serverless.worker.run_worker does (runpod 1.12.0), with our scaler.
@@ -71,6 +66,28 @@ def serve(engine: Engine, settings: Settings, handler: Handler) -> int:
     LifecycleScaler(config, lifecycle, settings.max_concurrency).start()
     log.info("job loop ended (%s); exit code %d", lifecycle.state.value, lifecycle.exit_code)
     return lifecycle.exit_code
+
+
+def _admission(engine: Engine, progress: Any, max_concurrency: int) -> Callable[[int], int]:
+    """The ``concurrency_modifier``: ``allowed_concurrency`` of the engine's load and of
+    the jobs the SDK holds; logs when the engine becomes full and when it has room again."""
+    full = False
+
+    def concurrency_modifier(_current: int) -> int:
+        nonlocal full
+        load, held = engine.load(), progress.get_job_count()
+        allowed = allowed_concurrency(load, held, max_concurrency)
+        if (allowed < max_concurrency) != full:
+            full = not full
+            log.info(
+                "%s: %s (holding %d jobs)",
+                "engine full, taking no new job" if full else "engine has room again",
+                load,
+                held,
+            )
+        return allowed
+
+    return concurrency_modifier
 
 
 class LifecycleScaler(JobScaler):  # type: ignore[misc]
