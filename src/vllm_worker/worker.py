@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vllm_worker.chat import chat_prompt
 from vllm_worker.engine_types import GenerationRequest
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
-from vllm_worker.input_size import check_input_size, default_max_input_chars
+from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
 from vllm_worker.openai_input import is_openai_job, parse_openai_job
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
@@ -75,6 +75,7 @@ async def _serve_openai(
 ) -> AsyncIterator[Any]:
     try:
         check_input_size(job_input, max_chars)
+        check_integers(job_input)
         if routes is None:
             raise InvalidInputError("openai_route: this worker serves no OpenAI routes")
         async for output in routes.serve(parse_openai_job(job_input, max_n=settings.max_n)):

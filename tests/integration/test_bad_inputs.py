@@ -272,4 +272,13 @@ def test_openai_route_errors_repeat_no_text(
         error = json.loads(chunk["error"])["error"]
         assert error["code"] == 400 and error["param"] == next(iter(bad)), error
         assert MARKER not in error["message"] and "value=" not in error["message"], error
+    # Beyond 64 bits, vLLM itself fails with an empty message (and leaks the request).
+    job = {"openai_route": COMPLETIONS, "openai_input": {**body, "top_k": 2**70}}
+    (chunk,) = run(collect(openai_handler, job))
+    error = json.loads(chunk["error"])["error"]
+    assert error["code"] == 400, error
+    assert error["message"] == (
+        "invalid_input: openai_input.top_k: an integer beyond 64 bits; integers must be between "
+        "-2^63 and 2^64-1"
+    )
     assert_engine_serves(run, openai_handler, engine)

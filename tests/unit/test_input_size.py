@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from vllm_worker.errors import InvalidInputError
-from vllm_worker.input_size import check_input_size, default_max_input_chars
+from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,24 @@ class _Tokenizer:
 def test_the_default_is_the_context_filled_with_the_longest_token() -> None:
     tokenizer = _Tokenizer(["<s>", "a", "▁establishment", "</s>"])
     assert default_max_input_chars(tokenizer, max_model_len=100) == 100 * 14
+
+
+@pytest.mark.parametrize(
+    ("raw", "where"),
+    [
+        ({"openai_input": {"top_k": 2**64}}, "openai_input.top_k"),
+        ({"a": [1, {"b": -(2**63) - 1}]}, "a[1].b"),
+        ({"a private key": 2**70}, "<key>"),
+        (10**30, "input"),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused_where_they_are(raw: Any, where: str) -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        check_integers(raw)
+    assert str(raised.value) == (
+        f"{where}: an integer beyond 64 bits; integers must be between -2^63 and 2^64-1"
+    )
+
+
+def test_integers_of_64_bits_pass() -> None:
+    check_integers({"a": [2**64 - 1, -(2**63), True, 1.5e300, "x"]})
