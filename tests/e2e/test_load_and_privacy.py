@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 
 from bad_inputs import MARKER, PROMPT, check_input_error, malformed_input
-from endpoint_process import EndpointProcess, start_endpoint, submit, wait_final
+from endpoint_process import EndpointProcess, health, start_endpoint, submit, wait_final
 
 pytestmark = pytest.mark.engine
 
@@ -75,6 +75,7 @@ def test_malformed_inputs_end_failed_with_a_one_line_error(endpoint: EndpointPro
 def test_200_jobs_at_once_all_complete_with_the_right_text(endpoint: EndpointProcess) -> None:
     reference = {prompt: _only_output(_run_one(endpoint, prompt)) for prompt in LOAD_PROMPTS}
     prompts = [LOAD_PROMPTS[i % len(LOAD_PROMPTS)] for i in range(LOAD_JOBS)]
+    before = health(endpoint)["jobs"]
     memory = _MemorySampler(endpoint.worker_pid)
     with memory, ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(lambda prompt: submit(endpoint, _greedy_job(prompt)), prompts))
@@ -84,7 +85,10 @@ def test_200_jobs_at_once_all_complete_with_the_right_text(endpoint: EndpointPro
         assert body["id"] == job_id
         assert body["status"] == "COMPLETED", body
         assert _only_output(body) == reference[prompt], f"job {job_id}"
-    # Each job ran once in the worker: one "done" line per id, none for another id.
+    # The endpoint counted each once, and each ran once in the worker (one "done" line).
+    after = health(endpoint)["jobs"]
+    assert after["completed"] - before["completed"] == LOAD_JOBS
+    assert (after["failed"], after["retried"]) == (before["failed"], before["retried"])
     done = Counter(
         line.split("job ", 1)[1].split(" ", 1)[0]
         for line in endpoint.log().splitlines()
