@@ -3,7 +3,8 @@
 A property-based fuzz (hypothesis, derandomized) sends hundreds of malformed inputs
 through the real handler and engine: each must end as a job error naming the problem,
 without a traceback or the prompt's text, and the engine must serve the next job. A
-table then checks each input limit's message.
+table then checks each input limit's message. Jobs for the OpenAI routes, which vLLM's
+own OpenAI layer validates, are fuzzed too: refused with a 4xx error object, never a 5xx.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, malformed_input
 from helpers import collect
@@ -52,7 +55,7 @@ def test_fuzzed_malformed_inputs_each_fail_alone_in_one_line(
     kinds: Counter[str] = Counter()
     tried: set[str] = set()
 
-    @settings(
+    @hypothesis_settings(
         max_examples=700,
         derandomize=True,
         database=None,
@@ -281,4 +284,55 @@ def test_openai_route_errors_repeat_no_text(
         "invalid_input: openai_input.top_k: an integer beyond 64 bits; integers must be between "
         "-2^63 and 2^64-1"
     )
+    assert_engine_serves(run, openai_handler, engine)
+
+
+OPENAI_FIELDS = [
+    "prompt", "temperature", "top_p", "top_k", "min_p", "n", "max_tokens", "stop", "seed",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "echo",
+    "stop_token_ids", "bad_words", "min_tokens", "ignore_eos", "logit_bias", "stream",
+    "stream_options", "response_format", "user", "suffix", "include_stop_str_in_output",
+    "skip_special_tokens", "truncate_prompt_tokens", "allowed_token_ids", "priority",
+]  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
+
+
+def test_fuzzed_openai_requests_never_fail_inside_the_worker(
+    run: Run, engine: Engine, settings: Settings, openai_handler: Handler
+) -> None:
+    """Whatever a completions request holds, vLLM's OpenAI layer answers or refuses it
+    with a 4xx error object; never a 5xx, never an error inside a completed stream."""
+    base = {"model": served_model_name(settings), "prompt": PROMPT, "max_tokens": 4}
+    codes: Counter[int] = Counter()
+
+    @hypothesis_settings(
+        max_examples=300,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(st.dictionaries(st.sampled_from(OPENAI_FIELDS), JSON_VALUES, min_size=1, max_size=2))
+    def one(fields: dict[str, Any]) -> None:
+        job = {"openai_route": COMPLETIONS, "openai_input": {**base, **fields}}
+        outputs = run(collect(openai_handler, job))
+        last = outputs[-1]
+        if isinstance(last, dict) and set(last) == {"error"}:
+            error = json.loads(last["error"])["error"]
+            assert 400 <= error["code"] < 500, f"{fields!r:.300}: {error}"
+            assert "\n" not in error["message"] and MARKER not in error["message"]
+            codes[error["code"]] += 1
+        else:
+            assert '"error"' not in json.dumps(outputs), f"{fields!r:.300}: {outputs!r:.500}"
+            codes[200] += 1
+
+    one()
+    print(f"\nfuzzed OpenAI requests by answer: {dict(codes)}")
+    assert codes[200] >= 10 and sum(codes.values()) - codes[200] >= 100
     assert_engine_serves(run, openai_handler, engine)
