@@ -59,6 +59,7 @@ def parse_openai_job(job_input: dict[str, Any], *, max_n: int) -> OpenAIJob:
     if not isinstance(body, dict):
         raise _bad_request(f"openai_input: must be a JSON object (got {type(body).__name__})")
     _check_n(body, max_n)
+    _check_best_of(body)
     return OpenAIJob(route=route, body=body)
 
 
@@ -67,6 +68,17 @@ def _check_n(body: dict[str, Any], max_n: int) -> None:
     n = body.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > max_n:
         raise _bad_request(f"n: must be at most {max_n} (MAX_N) (got {n})", param="n")
+
+
+def _check_best_of(body: dict[str, Any]) -> None:
+    # vLLM's OpenAI layer ignores fields it does not know, best_of among them: refused
+    # instead, as the worker's own input refuses it, so no client believes it applied.
+    if body.get("best_of") not in (None, 1):
+        raise _bad_request(
+            "best_of: not supported: vLLM 0.32's engine has no best_of; ask for n completions "
+            "instead",
+            param="best_of",
+        )
 
 
 def _bad_request(message: str, param: str | None = None) -> OpenAIRequestError:

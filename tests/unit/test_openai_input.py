@@ -74,6 +74,17 @@ def test_n_above_max_n_is_refused_naming_the_limit() -> None:
     assert refused.value.message == "n: must be at most 4 (MAX_N) (got 5)"
 
 
+def test_best_of_is_refused_not_ignored() -> None:
+    for best_of in (None, 1):
+        parse_openai_job(
+            {"openai_route": COMPLETIONS, "openai_input": {"best_of": best_of}}, max_n=4
+        )
+    with pytest.raises(OpenAIRequestError) as refused:
+        parse_openai_job({"openai_route": COMPLETIONS, "openai_input": {"best_of": 3}}, max_n=4)
+    assert (refused.value.status, refused.value.param) == (400, "best_of")
+    assert refused.value.message.startswith("best_of: not supported: vLLM 0.32's engine")
+
+
 @pytest.mark.parametrize(("stream", "expected"), [(True, True), (False, False), ("yes", False)])
 def test_stream_is_read_from_the_body(stream: Any, expected: bool) -> None:
     job = parse_openai_job({"openai_route": CHAT, "openai_input": {"stream": stream}}, max_n=4)
