@@ -22,7 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, malformed_input
-from helpers import collect
+from helpers import TINY_ENGINE_ENV, collect
 from vllm_worker.engine import Engine
 from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
 from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
@@ -78,106 +78,106 @@ def test_fuzzed_malformed_inputs_each_fail_alone_in_one_line(
     assert_engine_serves(run, handler, engine)
 
 
-def _limit_cases(settings: Settings) -> list[tuple[str, dict[str, Any], str]]:
-    """(name, job input, the error's expected text) for each input limit."""
-    long_chat = [{"role": "user", "content": "story " * 600}]
-    return [
-        (
-            "prompt tokens",
-            {"prompt": "story " * 600},
-            "prompt: the prompt has 2401 tokens, but the model's "
-            "context (MAX_MODEL_LEN) is 512 tokens: at most 511 prompt tokens fit",
-        ),
-        ("chat tokens", {"messages": long_chat}, "messages: the rendered conversation has "),
-        ("n", _params(n=17), "sampling_params.n: must be between 1 and 16 (MAX_N), got 17"),
-        ("best_of", _params(best_of=2), "sampling_params.best_of: not supported: vLLM 0.32"),
-        (
-            "stop count",
-            _params(stop=["a"] * 17),
-            "sampling_params.stop: List should have at most 16",
-        ),
-        (
-            "stop empty",
-            _params(stop=["a", ""]),
-            "sampling_params.stop[1]: String should have at least 1 character",
-        ),
-        ("stop type", _params(stop=[1]), "sampling_params.stop[0]: Input should be a valid string"),
-        (
-            "stop ids",
-            _params(stop_token_ids=[VOCAB_SIZE]),
-            "sampling_params.stop_token_ids: "
-            "token_id(s) [1024] in stop_token_ids contain out-of-vocab token ids",
-        ),
-        (
-            "bad words",
-            _params(bad_words=[" "]),
-            "sampling_params.bad_words: bad_words entries must tokenize to at least one token",
-        ),
-        (
-            "wrong type",
-            _params(max_tokens="100"),
-            "sampling_params.max_tokens: Input should be a valid integer (got '100')",
-        ),
-        (
-            "nan",
-            _params(temperature=float("nan")),
-            "sampling_params.temperature: Input should be a finite number (got nan)",
-        ),
-        (
-            "inf",
-            _params(top_p=float("inf")),
-            "sampling_params.top_p: Input should be a finite number (got inf)",
-        ),
-        (
-            "negative max_tokens",
-            _params(max_tokens=-1),
-            "sampling_params.max_tokens: Input should be greater than or equal to 1 (got -1)",
-        ),
-        (
-            "negative penalty",
-            _params(presence_penalty=-2.5),
-            "sampling_params.presence_penalty: "
-            "Input should be greater than or equal to -2 (got -2.5)",
-        ),
-        (
-            "negative seed",
-            _params(seed=-1),
-            "sampling_params.seed: Input should be greater than or equal to 0 (got -1)",
-        ),
-        (
-            "top_k",
-            _params(top_k=2**70),
-            "sampling_params.top_k: Input should be less than or equal to 2147483647",
-        ),
-        (
-            "greedy n",
-            _params(n=2, temperature=0),
-            "sampling_params.n: must be 1 when temperature is 0",
-        ),
-        (
-            "min_tokens",
-            _params(min_tokens=100),
-            "sampling_params.min_tokens: 100 is more than the "
-            f"{settings.default_max_tokens} tokens this job may generate",
-        ),
-        (
-            "min_tokens room",
-            _params(min_tokens=510, max_tokens=1000),
-            "sampling_params.min_tokens: 510 is more than the ",
-        ),
-    ]
-
-
 def _params(**sampling: Any) -> dict[str, Any]:
     return {"prompt": PROMPT, "sampling_params": sampling}
 
 
+LONG_CHAT = [{"role": "user", "content": "story " * 600}]
+# (name, job input, the error's expected text) for each input limit.
+LIMIT_CASES = [
+    (
+        "prompt tokens",
+        {"prompt": "story " * 600},
+        "prompt: the prompt has 2401 tokens, but the model's "
+        "context (MAX_MODEL_LEN) is 512 tokens: at most 511 prompt tokens fit",
+    ),
+    ("chat tokens", {"messages": LONG_CHAT}, "messages: the rendered conversation has "),
+    ("n", _params(n=17), "sampling_params.n: must be between 1 and 16 (MAX_N), got 17"),
+    ("best_of", _params(best_of=2), "sampling_params.best_of: not supported: vLLM 0.32"),
+    (
+        "stop count",
+        _params(stop=["a"] * 17),
+        "sampling_params.stop: List should have at most 16",
+    ),
+    (
+        "stop empty",
+        _params(stop=["a", ""]),
+        "sampling_params.stop[1]: String should have at least 1 character",
+    ),
+    ("stop type", _params(stop=[1]), "sampling_params.stop[0]: Input should be a valid string"),
+    (
+        "stop ids",
+        _params(stop_token_ids=[VOCAB_SIZE]),
+        "sampling_params.stop_token_ids: "
+        "token_id(s) [1024] in stop_token_ids contain out-of-vocab token ids",
+    ),
+    (
+        "bad words",
+        _params(bad_words=[" "]),
+        "sampling_params.bad_words: bad_words entries must tokenize to at least one token",
+    ),
+    (
+        "wrong type",
+        _params(max_tokens="100"),
+        "sampling_params.max_tokens: Input should be a valid integer (got '100')",
+    ),
+    (
+        "nan",
+        _params(temperature=float("nan")),
+        "sampling_params.temperature: Input should be a finite number (got nan)",
+    ),
+    (
+        "inf",
+        _params(top_p=float("inf")),
+        "sampling_params.top_p: Input should be a finite number (got inf)",
+    ),
+    (
+        "negative max_tokens",
+        _params(max_tokens=-1),
+        "sampling_params.max_tokens: Input should be greater than or equal to 1 (got -1)",
+    ),
+    (
+        "negative penalty",
+        _params(presence_penalty=-2.5),
+        "sampling_params.presence_penalty: Input should be greater than or equal to -2 (got -2.5)",
+    ),
+    (
+        "negative seed",
+        _params(seed=-1),
+        "sampling_params.seed: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "top_k",
+        _params(top_k=2**70),
+        "sampling_params.top_k: Input should be less than or equal to 2147483647",
+    ),
+    (
+        "greedy n",
+        _params(n=2, temperature=0),
+        "sampling_params.n: must be 1 when temperature is 0",
+    ),
+    (
+        "min_tokens",
+        _params(min_tokens=100),
+        "sampling_params.min_tokens: 100 is more than the "
+        f"{TINY_ENGINE_ENV['DEFAULT_MAX_TOKENS']} tokens this job may generate",
+    ),
+    (
+        "min_tokens room",
+        _params(min_tokens=510, max_tokens=1000),
+        "sampling_params.min_tokens: 510 is more than the ",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [case[1:] for case in LIMIT_CASES], ids=[case[0] for case in LIMIT_CASES]
+)
 def test_each_input_limit_fails_with_its_rule(
-    run: Run, handler: Handler, engine: Engine, settings: Settings
+    run: Run, handler: Handler, engine: Engine, raw: dict[str, Any], expected: str
 ) -> None:
-    for name, raw, expected in _limit_cases(settings):
-        error = assert_one_line_input_error(run(collect(handler, raw)), raw)
-        assert expected in error, f"{name}: {error}"
+    error = assert_one_line_input_error(run(collect(handler, raw)), raw)
+    assert expected in error
     assert_engine_serves(run, handler, engine)
 
 
