@@ -46,6 +46,7 @@ def make_handler(
     max_chars = settings.max_input_chars or default_max_input_chars(
         engine.tokenizer, engine.max_model_len
     )
+    log.info("a job's input may hold up to %d characters of text (MAX_INPUT_CHARS)", max_chars)
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id", "-"))
