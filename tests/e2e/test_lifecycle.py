@@ -12,13 +12,15 @@ stops it; the engine-death test starts its own.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ from endpoint_process import (
     submit,
 )
 from helpers import REPO_ROOT, group_members
+from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
+from vllm_worker.local_endpoint.jobs import Job
+from vllm_worker.local_endpoint.process import WorkerProcess, build_env, default_command
 
 pytestmark = pytest.mark.engine
 
@@ -243,3 +248,59 @@ def test_an_engine_that_cannot_start_exits_1_at_once_with_one_line(
     # The root cause, from the engine's process, is in the log above it.
     assert "less than requested memory for kv" in result.stderr
     assert "job-take" not in result.stderr
+
+
+def test_a_full_engine_takes_no_new_job_until_it_has_room(
+    worker_env: dict[str, str],
+) -> None:
+    """Admission through the SDK's real job loop: with room for 2 sequences, a job that
+    comes while they run stays in the endpoint's queue (another worker could take it)
+    until the engine has room, although MAX_CONCURRENCY would allow 8 jobs."""
+    config = EndpointConfig(port=0, take_hold_s=0.5, stop_hold_s=0.5)
+    with ThreadedEndpoint(config) as endpoint:
+        settings = {"MAX_NUM_SEQS": "2", "MAX_CONCURRENCY": "8", "MAX_MODEL_LEN": "2048"}
+        env = build_env({**worker_env, **QUIETER, **settings}, endpoint.worker_env("full"))
+        worker = WorkerProcess(default_command(), env)
+        worker.start()
+        try:
+            _check_admission(endpoint, worker)
+        finally:
+            asyncio.run(worker.stop(60.0))
+
+
+def _check_admission(endpoint: ThreadedEndpoint, worker: WorkerProcess) -> None:
+    def alive() -> None:
+        assert worker.returncode() is None, f"the worker exited with {worker.returncode()}"
+
+    def until(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 240
+        while not predicate():
+            alive()
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    def submit_job(job_input: dict[str, Any]) -> str:
+        return endpoint.call(lambda store: store.submit(job_input).id)
+
+    def job(job_id: str) -> Job:
+        found = endpoint.call(lambda store: copy.deepcopy(store.get(job_id)))
+        assert found is not None, job_id
+        return found
+
+    until(lambda: endpoint.call(lambda store: bool(store.workers)), "the worker's first poll")
+    # Two jobs of 2 sequences each: the first fills the engine, the second waits in it.
+    first, second = submit_job(long_job(0, n=2)), submit_job(long_job(1, n=2))
+    until(lambda: bool(job(first).stream) and job(second).started_at is not None, "both running")
+    time.sleep(2.0)  # the job-take poll under way (held 0.5 s) ends; no new one while full
+    late = submit_job({"prompt": "Late:", "sampling_params": {"max_tokens": 8}})
+    assert job(first).status.value == "IN_PROGRESS", "the machine outran the test: no overlap"
+    until(lambda: job(late).status.final, "the late job")
+    first_job, late_job = job(first), job(late)
+    assert late_job.status.value == "COMPLETED"
+    assert first_job.finished_at is not None and late_job.started_at is not None
+    # Taken only once the engine had room, not while it was full.
+    assert late_job.started_at >= first_job.finished_at
+    print(
+        "admission: the late job waited "
+        f"{late_job.started_at - late_job.submitted_at:.1f} s in the endpoint's queue"
+    )
