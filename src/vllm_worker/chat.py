@@ -32,7 +32,6 @@ doubled, and a template that writes none gets none.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,12 +74,6 @@ class TemplateChoice:
     faithful: bool = True  # False: a Llama 2 chat model whose ids differ from Meta's
 
 
-# Per tokenizer: the choice for each (custom template, names), made once.
-_choices: weakref.WeakKeyDictionary[Any, dict[tuple[str | None, ...], TemplateChoice]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def is_llama2_chat(settings: Settings, tokenizer: Any) -> bool:
     """Whether the served model is a Llama 2 chat model (see the module docstring)."""
     return llama2_chat.is_llama2_chat(_names(settings), tokenizer)
@@ -92,18 +85,8 @@ def chat_template_for(settings: Settings, tokenizer: Any) -> str | None:
 
 
 def choose_chat_template(settings: Settings, tokenizer: Any) -> TemplateChoice:
-    """``chat_template_for`` with the reason; the check a Llama 2 model gets runs once."""
-    key = (settings.custom_chat_template, *_names(settings), _tokenizer_template(tokenizer))
-    try:
-        cached = _choices.setdefault(tokenizer, {})
-    except TypeError:  # not weakly referable or not hashable: no cache
-        cached = {}
-    if key not in cached:
-        cached[key] = _choose(settings, tokenizer)
-    return cached[key]
-
-
-def _choose(settings: Settings, tokenizer: Any) -> TemplateChoice:
+    """``chat_template_for`` with the reason. A Llama 2 chat model's candidates are
+    rendered and checked here: call it once per handler, not per job."""
     if settings.custom_chat_template is not None:
         return TemplateChoice(settings.custom_chat_template, "CUSTOM_CHAT_TEMPLATE")
     own = _tokenizer_template(tokenizer)
@@ -126,14 +109,13 @@ def _choose(settings: Settings, tokenizer: Any) -> TemplateChoice:
     return TemplateChoice(None, "none")
 
 
-def log_chat_template(settings: Settings, tokenizer: Any) -> None:
+def log_chat_template(choice: TemplateChoice, model_name: str) -> None:
     """Say at start-up which template chat input will use, or that there is none."""
-    choice = choose_chat_template(settings, tokenizer)
     if choice.template is None:
         log.warning(
             "chat template: none (the tokenizer has none and %s is not a Llama 2 chat model): "
             "'messages' jobs will fail; set CUSTOM_CHAT_TEMPLATE to serve them",
-            settings.model_name,
+            model_name,
         )
     elif not choice.faithful:
         log.warning("chat template: %s; set CUSTOM_CHAT_TEMPLATE to fix it", choice.source)
@@ -169,7 +151,8 @@ def render_chat(
 def chat_prompt(
     settings: Settings, tokenizer: Any, messages: Sequence[Mapping[str, str]]
 ) -> RenderedChat:
-    """The rendered prompt of a job's ``messages`` with the worker's chat template."""
+    """The rendered prompt of ``messages`` with the template the settings choose (which
+    it chooses anew: the worker chooses once and calls ``render_chat``)."""
     template = chat_template_for(settings, tokenizer)
     return render_chat(messages, template, tokenizer, settings.model_name)
 

@@ -103,16 +103,13 @@ def _serve(settings: Settings) -> int:
 
 def start_engine(settings: Settings) -> Engine | None:
     """The started engine, or None after logging why it could not start."""
-    from vllm_worker.chat import log_chat_template
     from vllm_worker.engine import Engine
 
     log.info(
         "starting the engine: %s, max_model_len=%d", settings.model_name, settings.max_model_len
     )
     try:
-        engine = Engine.start(settings)
-        log_chat_template(settings, engine.tokenizer)
-        return engine
+        return Engine.start(settings)
     except SettingsError as error:
         print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
     except Exception as error:

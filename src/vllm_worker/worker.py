@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_worker.chat import chat_prompt
+from vllm_worker.chat import choose_chat_template, log_chat_template, render_chat
 from vllm_worker.engine_types import GenerationRequest
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
@@ -47,6 +47,8 @@ def make_handler(
         engine.tokenizer, engine.max_model_len
     )
     log.info("a job's input may hold up to %d characters of text (MAX_INPUT_CHARS)", max_chars)
+    chat = choose_chat_template(settings, engine.tokenizer)  # once: it may render probes
+    log_chat_template(chat, settings.model_name)
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id", "-"))
@@ -59,7 +61,7 @@ def make_handler(
         try:
             check_input_size(job.get("input"), max_chars)  # before anything reads the text
             job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
-            async for chunk in _run(engine, settings, job_id, job_input):
+            async for chunk in _run(engine, settings, chat.template, job_id, job_input):
                 yield chunk
         except Exception as error:  # the one place errors become a job error
             yield job_error(error, job_id)
@@ -88,13 +90,14 @@ async def _serve_openai(
 async def _run(
     engine: Engine,
     settings: Settings,
+    chat_template: str | None,
     job_id: str,
     job_input: JobInput,
 ) -> AsyncIterator[Chunk]:
     stats = _JobStats(started=time.perf_counter())
     if job_input.messages is not None:
         messages = [message.model_dump() for message in job_input.messages]
-        chat = chat_prompt(settings, engine.tokenizer, messages)
+        chat = render_chat(messages, chat_template, engine.tokenizer, settings.model_name)
         prompt, prompt_token_ids = chat.text, chat.token_ids
     else:
         prompt = job_input.prompt or ""

@@ -18,6 +18,7 @@ from vllm_worker.chat import (
     LLAMA2_CHAT_TEMPLATE_SPACED,
     chat_prompt,
     chat_template_for,
+    choose_chat_template,
     is_llama2_chat,
     log_chat_template,
     render_chat,
@@ -229,10 +230,14 @@ def test_start_up_says_which_template_chat_input_uses(
 ) -> None:
     caplog.set_level("INFO", logger="vllm_worker.chat")
     custom = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": "{{ messages }}"})
-    log_chat_template(custom, tokenizer)
-    log_chat_template(LLAMA2_CHAT, tokenizer)
-    log_chat_template(LLAMA2_CHAT, bare_tokenizer)
-    log_chat_template(Settings(model_name="meta-llama/Llama-2-7b-hf"), bare_tokenizer)
+    base = Settings(model_name="meta-llama/Llama-2-7b-hf")
+    for settings, tok in [
+        (custom, tokenizer),
+        (LLAMA2_CHAT, tokenizer),
+        (LLAMA2_CHAT, bare_tokenizer),
+        (base, bare_tokenizer),
+    ]:
+        log_chat_template(choose_chat_template(settings, tok), settings.model_name)
     assert [record.getMessage() for record in caplog.records][:3] == [
         "chat template: CUSTOM_CHAT_TEMPLATE",
         "chat template: the tokenizer's own: gives Meta's reference token ids",
