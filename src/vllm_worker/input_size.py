@@ -8,16 +8,15 @@ be refused as too long for the context. Counting characters costs nothing per ch
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from vllm_worker.errors import InvalidInputError
+from vllm_worker.schema import field_path
 
 # Requests reach vLLM's engine core as MessagePack, whose integers have 64 bits: a larger
 # one fails inside vLLM with an empty message, and leaves the request behind in vLLM's
 # count of unfinished requests.
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 
 
 def check_input_size(raw: object, max_chars: int) -> None:
@@ -53,24 +52,19 @@ def _exceeds(raw: object, max_chars: int) -> bool:
 def check_integers(raw: object) -> None:
     """Refuse an integer the engine cannot be sent, naming where it is. For inputs that
     vLLM validates itself (the OpenAI routes); the worker's own schema has tighter bounds."""
-    pending: list[tuple[str, object]] = [("", raw)]
+    pending: list[tuple[tuple[int | str, ...], object]] = [((), raw)]
     while pending:
-        path, value = pending.pop()
+        location, value = pending.pop()
         if isinstance(value, int) and not isinstance(value, bool):
             if not MIN_INT <= value <= MAX_INT:
                 raise InvalidInputError(
-                    f"{path or 'input'}: an integer beyond 64 bits; integers must be between "
-                    "-2^63 and 2^64-1"
+                    f"{field_path(location) or 'input'}: an integer beyond 64 bits; integers "
+                    "must be between -2^63 and 2^64-1"
                 )
         elif isinstance(value, dict):
-            pending.extend((_join(path, key), item) for key, item in value.items())
+            pending.extend(((*location, str(key)), item) for key, item in value.items())
         elif isinstance(value, list):
-            pending.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
-
-
-def _join(path: str, key: object) -> str:
-    name = key if isinstance(key, str) and _KEY.fullmatch(key) else "<key>"
-    return f"{path}.{name}" if path else str(name)
+            pending.extend(((*location, index), item) for index, item in enumerate(value))
 
 
 def default_max_input_chars(tokenizer: Any, max_model_len: int) -> int:

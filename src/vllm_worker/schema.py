@@ -220,7 +220,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def _problem(detail: ErrorDetails) -> str:
-    path = _path(detail["loc"])
+    path = field_path(detail["loc"])
     if detail["type"] == "conversation":  # our own message, naming its field
         return detail["msg"]
     if detail["type"] == "extra_forbidden":
@@ -250,7 +250,7 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
-def _path(location: tuple[int | str, ...]) -> str:
+def field_path(location: tuple[int | str, ...]) -> str:
     """``("messages", 2, "role")`` -> ``messages[2].role``."""
     path = ""
     for part in location:
