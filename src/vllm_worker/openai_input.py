@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_worker.errors import OpenAIRequestError
+from vllm_worker.schema import UNSUPPORTED_FIELDS
 from vllm_worker.settings import Settings
 
 CHAT = "/v1/chat/completions"
@@ -75,9 +76,7 @@ def _check_best_of(body: dict[str, Any]) -> None:
     # instead, as the worker's own input refuses it, so no client believes it applied.
     if body.get("best_of") not in (None, 1):
         raise _bad_request(
-            "best_of: not supported: vLLM 0.32's engine has no best_of; ask for n completions "
-            "instead",
-            param="best_of",
+            f"best_of: not supported: {UNSUPPORTED_FIELDS['best_of']}", param="best_of"
         )
 
 
