@@ -19,8 +19,9 @@ VOCAB_SIZE = 1024
 WEIGHTS_SEED = 1234
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama 2
 
-# Llama 2 chat format (as in Meta's reference code and the HF tokenizer config).
-LLAMA2_CHAT_TEMPLATE = (
+# The chat template of the Hub's Llama-2-chat-hf tokenizer config (the built-in one, which
+# follows Meta's reference code, is llama2_chat.LLAMA2_CHAT_TEMPLATE).
+HUB_LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
     "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
@@ -77,7 +78,7 @@ def build_tokenizer() -> object:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        chat_template=LLAMA2_CHAT_TEMPLATE,
+        chat_template=HUB_LLAMA2_CHAT_TEMPLATE,
         model_max_length=2048,
     )
 

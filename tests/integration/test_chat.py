@@ -18,7 +18,7 @@ from helpers import collect, llama2_reference_ids, sentencepiece_llama_tokenizer
 from vllm_worker.chat import chat_prompt, chat_template_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
-from vllm_worker.tiny_model import LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
+from vllm_worker.tiny_model import HUB_LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
 from vllm_worker.worker import Handler, make_handler
 

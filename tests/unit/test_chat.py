@@ -26,7 +26,7 @@ from vllm_worker.chat import (
 from vllm_worker.errors import InvalidInputError, SettingsError
 from vllm_worker.llama2_chat import template_for
 from vllm_worker.settings import Settings
-from vllm_worker.tiny_model import LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
+from vllm_worker.tiny_model import HUB_LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
 
 Message = dict[str, str]
