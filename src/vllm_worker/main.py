@@ -53,7 +53,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
         # starts: a model that an offline image does not hold stops here, in one line.
         settings = model_source.prepare(settings)
     except SettingsError as error:
-        print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
+        _cannot_start(str(error))
         return 2
     mode = choose_mode(argv, settings)
     if mode is RunMode.LOCAL_TEST:
@@ -111,15 +111,16 @@ def start_engine(settings: Settings) -> Engine | None:
     try:
         return Engine.start(settings)
     except SettingsError as error:
-        print(f"vllm-worker: cannot start: {error}", file=sys.stderr)
+        _cannot_start(str(error))
     except Exception as error:
         log.exception("the engine failed to start for MODEL_NAME=%r", settings.model_name)
         # The last line of the log says it in one line (the traceback is vLLM's, and the
         # root cause of an engine process's failure is logged by that process, above).
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        print(
-            f"vllm-worker: cannot start: the engine failed to start: "
-            f"{type(error).__name__}: {first_line}",
-            file=sys.stderr,
-        )
+        _cannot_start(f"the engine failed to start: {type(error).__name__}: {first_line}")
     return None
+
+
+def _cannot_start(reason: str) -> None:
+    """The one line that says why the worker does not start (the last of its log)."""
+    print(f"vllm-worker: cannot start: {reason}", file=sys.stderr)
