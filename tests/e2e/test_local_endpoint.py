@@ -56,14 +56,6 @@ def endpoint(
         yield process
 
 
-@pytest.fixture(autouse=True)
-def _log_on_failure(request: pytest.FixtureRequest, endpoint: EndpointProcess) -> Iterator[None]:
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        print("endpoint log (tail):\n" + endpoint.log_tail())
-
-
 def check_chunks(chunks: list[dict[str, Any]], *, prompt: str, n: int, max_tokens: int) -> None:
     """Cumulative chunks that each extend the last, and a final chunk with usage."""
     texts = [""] * n

@@ -40,14 +40,6 @@ def endpoint(
         yield process
 
 
-@pytest.fixture(autouse=True)
-def _log_on_failure(request: pytest.FixtureRequest, endpoint: EndpointProcess) -> Iterator[None]:
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        print("endpoint log (tail):\n" + endpoint.log_tail())
-
-
 @pytest.fixture(scope="module")
 def client(endpoint: EndpointProcess) -> openai.OpenAI:
     return openai.OpenAI(

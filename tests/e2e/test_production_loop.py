@@ -327,14 +327,6 @@ def worker(
         print(f"worker stopped: exit code {returncode}; left running: {left_behind or 'none'}")
 
 
-@pytest.fixture(autouse=True)
-def _worker_log_on_failure(request: pytest.FixtureRequest, worker: WorkerProcess) -> Iterator[None]:
-    failed_before = request.session.testsfailed
-    yield
-    if request.session.testsfailed > failed_before:
-        print("worker log (tail):\n" + worker.log_tail())
-
-
 @pytest.fixture(scope="module")
 def count_prompt_tokens(tiny_model_dir: Path) -> Any:
     from tokenizers import Tokenizer
