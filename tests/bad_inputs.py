@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 MARKER = "zebracorn quartz lullaby"
@@ -43,6 +44,18 @@ BOOL_FIELDS = [
 NOT_A_NUMBER: st.SearchStrategy[Any] = st.one_of(
     st.text(max_size=12), st.booleans(), st.none(), st.lists(st.integers(), max_size=2), st.just({})
 )
+
+
+def fuzz(max_examples: int) -> settings:
+    """Hypothesis settings for a fuzz on the real engine: the same examples on every run
+    (they change only with the test's source), no per-example deadline on a loaded machine."""
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 def _bad_float(allowed: Allowed) -> st.SearchStrategy[Any]:

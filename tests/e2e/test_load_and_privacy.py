@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
-from bad_inputs import MARKER, PROMPT, check_input_error, malformed_input
+from bad_inputs import MARKER, PROMPT, check_input_error, fuzz, malformed_input
 from endpoint_process import EndpointProcess, health, start_endpoint, submit, wait_final
 
 pytestmark = pytest.mark.engine
@@ -49,13 +49,7 @@ def endpoint(
 def test_malformed_inputs_end_failed_with_a_one_line_error(endpoint: EndpointProcess) -> None:
     kinds: Counter[str] = Counter()
 
-    @settings(
-        max_examples=60,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
+    @fuzz(60)
     @given(malformed_input())
     def one(case: tuple[str, Any]) -> None:
         kind, raw = case

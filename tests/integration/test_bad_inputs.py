@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given
-from hypothesis import settings as hypothesis_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, malformed_input
+from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, fuzz, malformed_input
 from helpers import TINY_ENGINE_ENV, collect
 from vllm_worker.engine import Engine
 from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
@@ -55,13 +54,7 @@ def test_fuzzed_malformed_inputs_each_fail_alone_in_one_line(
     kinds: Counter[str] = Counter()
     tried: set[str] = set()
 
-    @hypothesis_settings(
-        max_examples=700,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
+    @fuzz(700)
     @given(malformed_input())
     def one(case: tuple[str, Any]) -> None:
         kind, raw = case
@@ -311,13 +304,7 @@ def test_fuzzed_openai_requests_never_fail_inside_the_worker(
     base = {"model": served_model_name(settings), "prompt": PROMPT, "max_tokens": 4}
     codes: Counter[int] = Counter()
 
-    @hypothesis_settings(
-        max_examples=300,
-        derandomize=True,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
+    @fuzz(300)
     @given(st.dictionaries(st.sampled_from(OPENAI_FIELDS), JSON_VALUES, min_size=1, max_size=2))
     def one(fields: dict[str, Any]) -> None:
         job = {"openai_route": COMPLETIONS, "openai_input": {**base, **fields}}
