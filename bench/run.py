@@ -187,7 +187,7 @@ class Bench:
             from vllm_worker.worker import make_handler
 
             settings = self.settings.model_copy(update=clock.settings_update())
-            self.handlers[clock] = make_handler(self.engine, settings)
+            self.handlers[clock] = make_handler(self.engine, settings, None)  # prompts only
         return self.handlers[clock]
 
 

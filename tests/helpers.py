@@ -6,8 +6,10 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from vllm_worker.chat import RenderedChat, choose_chat_template, render_chat
+from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
-from vllm_worker.worker import Handler
+from vllm_worker.worker import Handler, make_handler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +26,19 @@ TINY_ENGINE_ENV = {
 }
 
 _job_numbers = itertools.count()
+
+
+def handler_for(engine: Any, settings: Settings) -> Handler:
+    """A handler on ``engine`` with the chat template ``settings`` choose, as start-up
+    builds it, without the OpenAI routes (``startup.build`` has them)."""
+    template = choose_chat_template(settings, engine.tokenizer).template
+    return make_handler(engine, settings, template)
+
+
+def chat_prompt(settings: Settings, tokenizer: Any, messages: list[dict[str, str]]) -> RenderedChat:
+    """The prompt a ``messages`` job gets on a worker with these settings and tokenizer."""
+    template = choose_chat_template(settings, tokenizer).template
+    return render_chat(messages, template, tokenizer, settings.model_name)
 
 
 async def collect(handler: Handler, job_input: Any) -> list[Chunk]:

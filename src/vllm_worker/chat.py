@@ -1,12 +1,13 @@
 """Chat conversations -> the prompt's token ids, in the format the model was trained on.
 
 One Jinja chat template serves both chat inputs: the job's ``messages`` (rendered here)
-and the OpenAI ``/v1/chat/completions`` route (rendered by vLLM's serving layer, given
-``chat_template_for``). Rendering here does what vLLM 0.32 does there (transformers'
-``apply_chat_template`` with the generation prompt, then encoding without special
-tokens), so that one conversation becomes the same token ids on both routes.
+and the OpenAI ``/v1/chat/completions`` route (rendered by vLLM's serving layer): start-up
+(``startup.build``) chooses it once and gives it to both. Rendering here does what vLLM
+0.32 does there (transformers' ``apply_chat_template`` with the generation prompt, then
+encoding without special tokens), so that one conversation becomes the same token ids on
+both routes.
 
-Which template (``chat_template_for``):
+Which template (``choose_chat_template``):
 
 1. ``CUSTOM_CHAT_TEMPLATE``, when set, as it is;
 2. for a Llama 2 chat model, the first of the tokenizer's own template, the built-in
@@ -46,8 +47,6 @@ __all__ = [
     "LLAMA2_CHAT_TEMPLATE_SPACED",
     "RenderedChat",
     "TemplateChoice",
-    "chat_prompt",
-    "chat_template_for",
     "choose_chat_template",
     "is_llama2_chat",
     "log_chat_template",
@@ -79,14 +78,10 @@ def is_llama2_chat(settings: Settings, tokenizer: Any) -> bool:
     return llama2_chat.is_llama2_chat(_names(settings), tokenizer)
 
 
-def chat_template_for(settings: Settings, tokenizer: Any) -> str | None:
-    """The Jinja chat template the worker renders conversations with; None: there is none."""
-    return choose_chat_template(settings, tokenizer).template
-
-
 def choose_chat_template(settings: Settings, tokenizer: Any) -> TemplateChoice:
-    """``chat_template_for`` with the reason. A Llama 2 chat model's candidates are
-    rendered and checked here: call it once per handler, not per job."""
+    """The Jinja chat template the worker renders conversations with (None: there is
+    none), and why. A Llama 2 chat model's candidates are rendered and checked here: it
+    is called once, at start-up."""
     if settings.custom_chat_template is not None:
         return TemplateChoice(settings.custom_chat_template, "CUSTOM_CHAT_TEMPLATE")
     own = _tokenizer_template(tokenizer)
@@ -146,15 +141,6 @@ def render_chat(
     # every special token already.
     token_ids = list(tokenizer.encode(text, add_special_tokens=False))
     return RenderedChat(text=str(text), token_ids=token_ids)
-
-
-def chat_prompt(
-    settings: Settings, tokenizer: Any, messages: Sequence[Mapping[str, str]]
-) -> RenderedChat:
-    """The rendered prompt of ``messages`` with the template the settings choose (which
-    it chooses anew: the worker chooses once and calls ``render_chat``)."""
-    template = chat_template_for(settings, tokenizer)
-    return render_chat(messages, template, tokenizer, settings.model_name)
 
 
 def _names(settings: Settings) -> tuple[str, str]:

@@ -64,6 +64,12 @@ class EngineError(WorkerError):
     kind = "engine_error"
 
 
+class EngineStartError(WorkerError):
+    """The engine could not start (the model, the memory, vLLM itself); start-up stops."""
+
+    kind = "engine_start_error"
+
+
 def job_error(error: BaseException, job_id: str = "-") -> dict[str, str]:
     """The job output that makes RunPod end the job FAILED with a readable message.
 

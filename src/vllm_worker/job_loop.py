@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The runpod SDK's names for log levels.
+_SDK_LOG_LEVELS = {"CRITICAL": "ERROR", "WARNING": "WARN"}
+
 DRAIN_POLL_S = 0.2  # how often the stopped take loop checks whether its jobs are done
 
 
@@ -48,8 +51,12 @@ def serve(engine: Engine, settings: Settings, handler: Handler) -> int:
     """Run the job loop until SIGTERM or the engine's death; the process's exit code."""
     from runpod.serverless import worker as sdk_worker
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
+    from runpod.serverless.modules.rp_logger import RunPodLogger
     from runpod.serverless.modules.worker_state import PingJobMirror
 
+    RunPodLogger().set_level(
+        settings.runpod_log_level or _SDK_LOG_LEVELS.get(settings.log_level, settings.log_level)
+    )
     lifecycle = Lifecycle(settings.shutdown_grace_seconds, engine.is_dead)
     progress = JobsProgress()
     config: dict[str, Any] = {

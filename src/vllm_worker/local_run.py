@@ -40,18 +40,10 @@ def run(argv: Sequence[str], settings: Settings) -> int:
         print(f"Job failed: {error.kind}: {error.message}", file=sys.stderr)
         return 1
 
-    from vllm_worker.main import start_engine
-    from vllm_worker.openai_routes import OpenAIRoutes
-    from vllm_worker.worker import make_handler
+    from vllm_worker.startup import serving
 
-    engine = start_engine(settings)
-    if engine is None:
-        return 1
-    try:
-        handler = make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
-        final = asyncio.run(_print_chunks(handler, job))
-    finally:
-        engine.shutdown()
+    with serving(settings) as worker:
+        final = asyncio.run(_print_chunks(worker.handler, job))
     if isinstance(final, dict) and "error" in final:
         print(f"Job failed: {final['error']}", file=sys.stderr)
         return 1

@@ -38,7 +38,6 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.renderers.online_renderer import OnlineRenderer
 
-from vllm_worker.chat import chat_template_for
 from vllm_worker.engine import Engine
 from vllm_worker.errors import EngineError, OpenAIRequestError, WorkerError
 from vllm_worker.openai_input import CHAT, MODELS, OpenAIJob, served_model_name
@@ -65,8 +64,9 @@ class OpenAIRoutes:
         self._stream_min_interval_s = stream_min_interval_s
 
     @classmethod
-    def build(cls, engine: Engine, settings: Settings) -> OpenAIRoutes:
-        """The routes on ``engine``, once, at start-up. Nothing here needs an event loop
+    def build(cls, engine: Engine, settings: Settings, chat_template: str | None) -> OpenAIRoutes:
+        """The routes on ``engine``, once, at start-up, rendering conversations with
+        ``chat_template`` (the one ``messages`` jobs use). Nothing here needs an event loop
         (the SDK runs the jobs in its own)."""
         llm = engine.async_llm
         name = served_model_name(settings)
@@ -78,7 +78,7 @@ class OpenAIRoutes:
             lora_modules=None,
         )
         # The worker's chat template, so that `messages` jobs and this route render alike.
-        template = chat_template_for(settings, engine.tokenizer)
+        template = chat_template
         renderer = OnlineRenderer(
             model_config=llm.model_config,
             renderer=llm.renderer,
@@ -100,6 +100,10 @@ class OpenAIRoutes:
             llm, models, online_renderer=renderer, request_logger=None
         )
         return cls(models, chat, completion, settings.stream_min_interval_ms / 1000)
+
+    def close(self) -> None:
+        """Let go of vLLM's serving objects (each holds the engine) once it has stopped."""
+        del self.models, self.chat, self.completion
 
     async def serve(self, job: OpenAIJob) -> AsyncIterator[Any]:
         """The job's outputs (see the module docstring); ``WorkerError`` when refused."""

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_worker.chat import choose_chat_template, log_chat_template, render_chat
+from vllm_worker.chat import render_chat
 from vllm_worker.engine_types import GenerationRequest
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
@@ -39,16 +39,21 @@ class _JobStats:
 
 
 def make_handler(
-    engine: Engine, settings: Settings, openai_routes: OpenAIRoutes | None = None
+    engine: Engine,
+    settings: Settings,
+    chat_template: str | None,
+    openai_routes: OpenAIRoutes | None = None,
 ) -> Handler:
-    """The handler for ``runpod.serverless.start``: one call per job. Jobs of RunPod's
-    OpenAI-compatible API go to ``openai_routes`` (refused when it is None)."""
+    """The handler for ``runpod.serverless.start``: one call per job.
+
+    ``messages`` jobs render with ``chat_template`` (``chat.choose_chat_template``; None:
+    they fail with an error saying so). Jobs of RunPod's OpenAI-compatible API go to
+    ``openai_routes`` (refused when it is None).
+    """
     max_chars = settings.max_input_chars or default_max_input_chars(
         engine.tokenizer, engine.max_model_len
     )
     log.info("a job's input may hold up to %d characters of text (MAX_INPUT_CHARS)", max_chars)
-    chat = choose_chat_template(settings, engine.tokenizer)  # once: it may render probes
-    log_chat_template(chat, settings.model_name)
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id", "-"))
@@ -61,7 +66,7 @@ def make_handler(
         try:
             check_input_size(job.get("input"), max_chars)  # before anything reads the text
             job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
-            async for chunk in _run(engine, settings, chat.template, job_id, job_input):
+            async for chunk in _run(engine, settings, chat_template, job_id, job_input):
                 yield chunk
         except Exception as error:  # the one place errors become a job error
             yield job_error(error, job_id)

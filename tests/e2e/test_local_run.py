@@ -39,6 +39,12 @@ def printed_chunks(stdout: str) -> list[dict[str, Any]]:
     ]
 
 
+def assert_clean_exit(stderr: str) -> None:
+    """The run ends without a traceback (vLLM's engine shut down before interpreter exit)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "Exception ignored" not in stderr, stderr[-3000:]
+
+
 def job_result(stdout: str) -> dict[str, Any]:
     (line,) = [line for line in stdout.splitlines() if line.startswith("Job result: ")]
     return dict(json.loads(line.removeprefix("Job result: ")))
@@ -64,6 +70,7 @@ def test_test_input_argument_runs_the_job_and_prints_each_chunk(
     assert output["usage"]["completion_tokens"] == 24
     assert "job local-test done: prompt_tokens=" in result.stderr  # the per-job log line
     assert "Tell me a story" not in result.stderr  # never the prompt in the log at INFO
+    assert_clean_exit(result.stderr)
 
 
 @pytest.mark.engine
@@ -79,6 +86,7 @@ def test_test_input_json_in_the_working_directory_is_run(
     assert output["text"][0].startswith(prompt)
     assert output["finish_reason"][0] in {"stop", "length"}
     assert printed_chunks(result.stdout)[-1] == output
+    assert_clean_exit(result.stderr)
 
 
 @pytest.mark.engine

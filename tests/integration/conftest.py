@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import pytest
 
-from helpers import TINY_ENGINE_ENV
+from helpers import TINY_ENGINE_ENV, handler_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
-from vllm_worker.worker import Handler, make_handler
+from vllm_worker.worker import Handler
 
 T = TypeVar("T")
 
@@ -45,7 +45,7 @@ def engine(settings: Settings, loop: asyncio.AbstractEventLoop) -> Iterator[Engi
 
 @pytest.fixture(scope="session")
 def handler(engine: Engine, settings: Settings) -> Handler:
-    return make_handler(engine, settings)
+    return handler_for(engine, settings)
 
 
 @pytest.fixture(scope="session")

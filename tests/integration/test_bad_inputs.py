@@ -25,9 +25,9 @@ from helpers import TINY_ENGINE_ENV, collect
 from vllm_worker.engine import Engine
 from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
 from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
-from vllm_worker.openai_routes import OpenAIRoutes
 from vllm_worker.settings import Settings
-from vllm_worker.worker import Handler, make_handler
+from vllm_worker.startup import build
+from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -193,7 +193,7 @@ def test_an_input_too_large_to_read_is_refused_before_it_is_read(
 @pytest.fixture(scope="module")
 def openai_handler(engine: Engine, settings: Settings) -> Handler:
     """The handler with the OpenAI routes too, as the worker builds it."""
-    return make_handler(engine, settings, OpenAIRoutes.build(engine, settings))
+    return build(engine, settings).handler
 
 
 def test_no_job_can_choose_a_template_or_read_a_file(

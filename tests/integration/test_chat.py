@@ -14,13 +14,19 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
-from helpers import collect, llama2_reference_ids, sentencepiece_llama_tokenizer
-from vllm_worker.chat import chat_prompt, chat_template_for
+from helpers import (
+    chat_prompt,
+    collect,
+    handler_for,
+    llama2_reference_ids,
+    sentencepiece_llama_tokenizer,
+)
+from vllm_worker.chat import choose_chat_template
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
 from vllm_worker.tiny_model import HUB_LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
-from vllm_worker.worker import Handler, make_handler
+from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -96,7 +102,7 @@ def test_the_built_in_template_serves_a_llama2_chat_tokenizer_without_one(
     bare = build_tokenizer()  # bit-identical to the engine's, minus the chat template
     bare.chat_template = None  # type: ignore[attr-defined]
     llama2 = settings.model_copy(update={"model_name": "meta-llama/Llama-2-7b-chat-hf"})
-    handler = make_handler(Engine(engine.async_llm, bare, engine.max_model_len), llama2)
+    handler = handler_for(Engine(engine.async_llm, bare, engine.max_model_len), llama2)
     messages = CONVERSATION[1:]  # without the system message this time
     final = run(collect(handler, {"messages": messages, "sampling_params": GREEDY}))[-1]
     reference = llama2_reference_ids(bare, messages)
@@ -109,7 +115,7 @@ def test_a_model_without_any_chat_template_fails_messages_jobs_clearly(
 ) -> None:
     bare = build_tokenizer()
     bare.chat_template = None  # type: ignore[attr-defined]
-    handler = make_handler(Engine(engine.async_llm, bare, engine.max_model_len), settings)
+    handler = handler_for(Engine(engine.async_llm, bare, engine.max_model_len), settings)
     chunks = run(collect(handler, {"messages": CONVERSATION}))
     assert len(chunks) == 1
     error = chunks[0]["error"]
@@ -125,7 +131,7 @@ def test_custom_chat_template_setting_renders_the_job(
 ) -> None:
     template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     custom = settings.model_copy(update={"custom_chat_template": template})
-    handler = make_handler(engine, custom)
+    handler = handler_for(engine, custom)
     request = {"messages": CONVERSATION[1:2], "echo": True, "sampling_params": {"max_tokens": 3}}
     final = run(collect(handler, request))[-1]
     expected = [
@@ -153,7 +159,7 @@ def test_an_invalid_conversation_fails_naming_the_message_and_the_next_job_works
 def test_vllms_chat_serving_renders_the_same_ids(
     engine: Engine, settings: Settings, tokenizer_kind: str
 ) -> None:
-    # What vLLM's /v1/chat/completions does with the template chat_template_for gives it
+    # What vLLM's /v1/chat/completions does with the template start-up chooses and gives it
     # (the OpenAI route): the same ids as a messages job, so both routes agree.
     from vllm.renderers.hf import safe_apply_chat_template
 
@@ -167,7 +173,7 @@ def test_vllms_chat_serving_renders_the_same_ids(
         tokenizer = sentencepiece_llama_tokenizer(
             contents, legacy=False, chat_template=HUB_LLAMA2_TEMPLATE
         )
-    template = chat_template_for(llama2, tokenizer)
+    template = choose_chat_template(llama2, tokenizer).template
     assert template is not None
     vllm_ids = safe_apply_chat_template(
         engine.async_llm.model_config,

@@ -15,10 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from helpers import collect
+from helpers import collect, handler_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
-from vllm_worker.worker import make_handler
 
 T = TypeVar("T")
 Run = Callable[[Awaitable[T]], T]
@@ -52,8 +51,8 @@ def test_default_coalescing_sends_logarithmically_many_chunks(
 ) -> None:
     clocked = default_clock(settings)
     assert clocked.stream_interval_growth > 0  # the default grows its gaps
-    handler = make_handler(engine, clocked)
-    every_output = make_handler(engine, settings)
+    handler = handler_for(engine, clocked)
+    every_output = handler_for(engine, settings)
 
     started = time.perf_counter()
     chunks = run(collect(handler, JOB))
@@ -74,8 +73,8 @@ def test_default_coalescing_sends_logarithmically_many_chunks(
 def test_default_coalescing_of_concurrent_delta_jobs_loses_nothing(
     engine: Engine, settings: Settings, run: Run[Any]
 ) -> None:
-    handler = make_handler(engine, default_clock(settings))
-    every_output = make_handler(engine, settings)
+    handler = handler_for(engine, default_clock(settings))
+    every_output = handler_for(engine, settings)
     job = {**JOB, "stream_mode": "delta"}
 
     async def concurrently() -> list[list[dict[str, Any]]]:

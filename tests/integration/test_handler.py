@@ -13,11 +13,11 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
-from helpers import REPO_ROOT, collect
+from helpers import REPO_ROOT, collect, handler_for
 from vllm_worker.engine import Engine
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
-from vllm_worker.worker import Handler, make_handler
+from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -198,7 +198,7 @@ def test_value_only_the_engine_can_check_is_an_input_error(run: Run, handler: Ha
 def test_coalescing_never_holds_back_the_first_or_final_chunk(
     run: Run, engine: Engine, settings: Settings
 ) -> None:
-    slow_stream = make_handler(engine, settings.model_copy(update={"stream_min_interval_ms": 1e4}))
+    slow_stream = handler_for(engine, settings.model_copy(update={"stream_min_interval_ms": 1e4}))
     chunks = run(collect(slow_stream, job(max_tokens=40, ignore_eos=True)))
     assert len(chunks) == 2
     assert len(completions(chunks[0])[0]) < len(completions(chunks[1])[0])

@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 
+from helpers import chat_prompt, sentencepiece_llama_tokenizer
 from helpers import llama2_reference_ids as reference_ids
-from helpers import sentencepiece_llama_tokenizer
 from vllm_worker.chat import (
     LLAMA2_CHAT_TEMPLATE,
     LLAMA2_CHAT_TEMPLATE_SPACED,
-    chat_prompt,
-    chat_template_for,
     choose_chat_template,
     is_llama2_chat,
     log_chat_template,
@@ -101,7 +99,7 @@ def test_reference_is_what_meta_describes(tokenizer: Any) -> None:
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_the_tokenizers_own_template_gives_the_reference_ids(tokenizer: Any, name: str) -> None:
     messages = CONVERSATIONS[name]
-    assert chat_template_for(LLAMA2_CHAT, tokenizer) == tokenizer.chat_template
+    assert choose_chat_template(LLAMA2_CHAT, tokenizer).template == tokenizer.chat_template
     assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == reference_ids(
         tokenizer, messages
     )
@@ -110,7 +108,7 @@ def test_the_tokenizers_own_template_gives_the_reference_ids(tokenizer: Any, nam
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_the_built_in_template_gives_the_reference_ids(bare_tokenizer: Any, name: str) -> None:
     messages = CONVERSATIONS[name]
-    assert chat_template_for(LLAMA2_CHAT, bare_tokenizer) is LLAMA2_CHAT_TEMPLATE
+    assert choose_chat_template(LLAMA2_CHAT, bare_tokenizer).template is LLAMA2_CHAT_TEMPLATE
     rendered = chat_prompt(LLAMA2_CHAT, bare_tokenizer, messages)
     assert rendered.token_ids == reference_ids(bare_tokenizer, messages)
     # The text is what the ids decode to: it is what an echo shows.
@@ -129,7 +127,7 @@ def test_a_custom_chat_template_gives_the_reference_ids(bare_tokenizer: Any, nam
 def test_a_custom_chat_template_wins_over_the_tokenizers(tokenizer: Any) -> None:
     template = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     settings = Settings.from_env({"CUSTOM_CHAT_TEMPLATE": template})
-    assert chat_template_for(settings, tokenizer) == template
+    assert choose_chat_template(settings, tokenizer).template == template
     rendered = chat_prompt(settings, tokenizer, [{"role": "user", "content": "Hi"}])
     assert rendered.text == "<s><user>Hi"
     expected = [tokenizer.bos_token_id, *tokenizer.encode("<user>Hi", add_special_tokens=False)]
@@ -174,7 +172,7 @@ def test_other_models_have_no_template_and_messages_fail_clearly(
     bare_tokenizer: Any, name: str
 ) -> None:
     settings = Settings(model_name=name)
-    assert chat_template_for(settings, bare_tokenizer) is None
+    assert choose_chat_template(settings, bare_tokenizer).template is None
     with pytest.raises(InvalidInputError) as raised:
         chat_prompt(settings, bare_tokenizer, CONVERSATIONS["one user message"])
     message = str(raised.value)
@@ -186,7 +184,7 @@ def test_a_tokenizer_name_can_mark_a_llama2_chat_model(bare_tokenizer: Any) -> N
     settings = Settings(
         model_name="/models/weights", tokenizer_name="meta-llama/Llama-2-7b-chat-hf"
     )
-    assert chat_template_for(settings, bare_tokenizer) is LLAMA2_CHAT_TEMPLATE
+    assert choose_chat_template(settings, bare_tokenizer).template is LLAMA2_CHAT_TEMPLATE
 
 
 def test_a_llama2_name_with_another_tokenizer_is_not_guessed(tokenizer: Any) -> None:
@@ -194,7 +192,7 @@ def test_a_llama2_name_with_another_tokenizer_is_not_guessed(tokenizer: Any) -> 
     other.chat_template = None  # type: ignore[attr-defined]
     other.bos_token = "<|begin_of_text|>"  # type: ignore[attr-defined]
     assert not is_llama2_chat(LLAMA2_CHAT, other)
-    assert chat_template_for(LLAMA2_CHAT, other) is None
+    assert choose_chat_template(LLAMA2_CHAT, other).template is None
 
 
 @pytest.mark.parametrize(
@@ -280,7 +278,7 @@ def test_without_a_word_start_after_specials_the_spaced_template_gives_metas_ids
     assert tokenizer.convert_ids_to_tokens(own[:2]) == ["<s>", "["]
     assert tokenizer.convert_ids_to_tokens(expected[:2]) == ["<s>", "\u2581["]
 
-    assert chat_template_for(LLAMA2_CHAT, tokenizer) is LLAMA2_CHAT_TEMPLATE_SPACED
+    assert choose_chat_template(LLAMA2_CHAT, tokenizer).template is LLAMA2_CHAT_TEMPLATE_SPACED
     assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == expected
     # The same without any template of its own.
     bare = llama_tokenizer(legacy=False, chat_template=None)
@@ -291,7 +289,7 @@ def test_without_a_word_start_after_specials_the_spaced_template_gives_metas_ids
 def test_with_a_word_start_after_specials_the_hubs_template_is_kept(name: str) -> None:
     tokenizer = llama_tokenizer(legacy=True, chat_template=HUB_LLAMA2_TEMPLATE)
     messages = CONVERSATIONS[name]
-    assert chat_template_for(LLAMA2_CHAT, tokenizer) == HUB_LLAMA2_TEMPLATE
+    assert choose_chat_template(LLAMA2_CHAT, tokenizer).template == HUB_LLAMA2_TEMPLATE
     assert chat_prompt(LLAMA2_CHAT, tokenizer, messages).token_ids == reference_ids(
         tokenizer, messages
     )

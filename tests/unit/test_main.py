@@ -36,3 +36,13 @@ def test_a_model_folder_that_is_not_there_stops_start_up(
     error = capsys.readouterr().err
     assert error.startswith("vllm-worker: cannot start: MODEL_NAME='/no/such/model' is invalid")
     assert "no such directory" in error
+
+
+def test_the_sdk_dev_server_is_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--rp_serve_api"], environ={}) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vllm-worker: cannot start: --rp_serve_api / RUNPOD_REALTIME_PORT:")
+    assert "python -m vllm_worker.local_endpoint" in error
+    assert main([], environ={"RUNPOD_REALTIME_PORT": "8000"}) == 2
