@@ -26,6 +26,14 @@ class EngineLoad:
     max_running: int  # the most requests it runs at once (MAX_NUM_SEQS)
 
 
+def engine_is_full(load: EngineLoad) -> bool:
+    """Whether the engine has no room for another request: some wait in its queue, it
+    runs as many as it may, or its KV cache is nearly full."""
+    return (
+        load.waiting > 0 or load.running >= load.max_running or load.kv_cache_usage >= KV_CACHE_FULL
+    )
+
+
 def allowed_concurrency(load: EngineLoad | None, held: int, max_concurrency: int) -> int:
     """How many jobs the worker may hold now, ``held`` being those it holds (running or
     taken and about to start).
@@ -34,11 +42,6 @@ def allowed_concurrency(load: EngineLoad | None, held: int, max_concurrency: int
     new job comes and none already taken is left without a slot (never below 1: a worker
     that holds no job has an idle engine, whatever its last stats said).
     """
-    if load is None or held == 0:
-        return max_concurrency
-    full = (
-        load.waiting > 0 or load.running >= load.max_running or load.kv_cache_usage >= KV_CACHE_FULL
-    )
-    if not full:
+    if load is None or held == 0 or not engine_is_full(load):
         return max_concurrency
     return max(1, min(held, max_concurrency))

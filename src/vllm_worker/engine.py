@@ -58,6 +58,12 @@ class Engine:
         """The scheduler's state after its latest step (None before the first one)."""
         return None if self._load is None else self._load.latest
 
+    def add_load_listener(self, listener: Callable[[EngineLoad], None]) -> None:
+        """Call ``listener(load)`` after every engine step, in the event loop the engine's
+        outputs are read in. It must be quick: it runs once per step."""
+        if self._load is not None:
+            self._load.listeners.append(listener)
+
     def is_dead(self) -> bool:
         """True once the engine cannot serve any more (its core process died, its output
         loop failed, or it was shut down): only a new process can serve again."""
@@ -180,6 +186,7 @@ class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
     def __init__(self, max_running: int) -> None:  # vLLM's own loggers get its config
         self.max_running = max_running
         self.latest: EngineLoad | None = None
+        self.listeners: list[Callable[[EngineLoad], None]] = []
 
     def record(
         self,
@@ -188,13 +195,19 @@ class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
         mm_cache_stats: Any = None,
         engine_idx: int = 0,
     ) -> None:
-        if scheduler_stats is not None:
-            self.latest = EngineLoad(
-                running=scheduler_stats.num_running_reqs,
-                waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
-                kv_cache_usage=scheduler_stats.kv_cache_usage,
-                max_running=self.max_running,
-            )
+        if scheduler_stats is None:
+            return
+        self.latest = load = EngineLoad(
+            running=scheduler_stats.num_running_reqs,
+            waiting=scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+            kv_cache_usage=scheduler_stats.kv_cache_usage,
+            max_running=self.max_running,
+        )
+        for listener in self.listeners:
+            try:
+                listener(load)
+            except Exception:  # this runs in vLLM's output loop: a raise would kill it
+                log.exception("an engine load listener failed")
 
     def log_engine_initialized(self) -> None:
         pass

@@ -12,7 +12,6 @@ stops it; the engine-death test starts its own.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
 import re
@@ -36,9 +35,10 @@ from endpoint_process import (
     submit,
 )
 from helpers import REPO_ROOT, group_members
+from production_worker import WorkerProcess
 from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job
-from vllm_worker.local_endpoint.process import WorkerProcess, build_env, default_command
+from vllm_worker.local_endpoint.process import build_env
 
 pytestmark = pytest.mark.engine
 
@@ -273,36 +273,39 @@ def test_an_engine_that_cannot_start_exits_1_at_once_with_one_line(
 
 
 def test_a_full_engine_takes_no_new_job_until_it_has_room(
-    worker_env: dict[str, str],
+    worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Admission through the SDK's real job loop: with room for 2 sequences, a job that
     comes while they run stays in the endpoint's queue (another worker could take it)
-    until the engine has room, although MAX_CONCURRENCY would allow 8 jobs."""
+    until the engine has room, although MAX_CONCURRENCY would allow 8 jobs.
+
+    The order is read from the worker's own log (one process, one clock): it takes the
+    late job only after it said the engine had room again."""
     config = EndpointConfig(port=0, take_hold_s=0.5, stop_hold_s=0.5)
     with ThreadedEndpoint(config) as endpoint:
         settings = {"MAX_NUM_SEQS": "2", "MAX_CONCURRENCY": "8", "MAX_MODEL_LEN": "2048"}
         env = build_env({**worker_env, **QUIETER, **settings}, endpoint.worker_env("full"))
-        worker = WorkerProcess(default_command(), env)
+        worker = WorkerProcess(env, tmp_path, tmp_path / "worker.log")
         worker.start()
         try:
             _check_admission(endpoint, worker)
+        except BaseException:
+            print("worker log (tail):\n" + worker.log_tail())
+            raise
         finally:
-            asyncio.run(worker.stop(60.0))
+            worker.stop()
 
 
 def _check_admission(endpoint: ThreadedEndpoint, worker: WorkerProcess) -> None:
-    def alive() -> None:
-        assert worker.returncode() is None, f"the worker exited with {worker.returncode()}"
-
     def until(predicate: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + 240
         while not predicate():
-            alive()
+            worker.check_alive()
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.05)
 
     def submit_job(job_input: dict[str, Any]) -> str:
-        return endpoint.call(lambda store: store.submit(job_input).id)
+        return str(endpoint.call(lambda store: store.submit(job_input).id))
 
     def job(job_id: str) -> Job:
         found = endpoint.call(lambda store: copy.deepcopy(store.get(job_id)))
@@ -312,16 +315,19 @@ def _check_admission(endpoint: ThreadedEndpoint, worker: WorkerProcess) -> None:
     until(lambda: endpoint.call(lambda store: bool(store.workers)), "the worker's first poll")
     # Two jobs of 2 sequences each: the first fills the engine, the second waits in it.
     first, second = submit_job(long_job(0, n=2)), submit_job(long_job(1, n=2))
-    until(lambda: bool(job(first).stream) and job(second).started_at is not None, "both running")
-    time.sleep(2.0)  # the job-take poll under way (held 0.5 s) ends; no new one while full
+    full = "engine full, taking no new job"
+    until(lambda: full in worker.log(), "the worker to see its engine full")
     late = submit_job({"prompt": "Late:", "sampling_params": {"max_tokens": 8}})
-    assert job(first).status.value == "IN_PROGRESS", "the machine outran the test: no overlap"
     until(lambda: job(late).status.final, "the late job")
-    first_job, late_job = job(first), job(late)
-    assert late_job.status.value == "COMPLETED"
-    assert first_job.finished_at is not None and late_job.started_at is not None
-    # Taken only once the engine had room, not while it was full.
-    assert late_job.started_at >= first_job.finished_at
+    assert job(late).status.value == "COMPLETED"
+    log = worker.log()
+    full_at = log.index(full)
+    room_at = log.index("engine has room again", full_at)
+    assert log.index(f"job {late} taken") > room_at, "taken while the engine was full"
+    assert log.index(f"job {first} taken") < full_at
+    assert log.index(f"job {second} taken") < full_at
+    late_job = job(late)
+    assert late_job.started_at is not None
     print(
         "admission: the late job waited "
         f"{late_job.started_at - late_job.submitted_at:.1f} s in the endpoint's queue"
