@@ -103,7 +103,7 @@ class Clock:
 
     min_interval_ms: float
     growth: float = 0.0
-    delta_max_interval_ms: float = 0.0
+    max_interval_ms: float = 0.0  # 0: no cap
 
     @classmethod
     def default(cls) -> Clock:
@@ -113,14 +113,15 @@ class Clock:
         return cls(
             min_interval_ms=fields["stream_min_interval_ms"].default,
             growth=fields["stream_interval_growth"].default,
-            delta_max_interval_ms=fields["stream_delta_max_interval_ms"].default,
+            max_interval_ms=fields["stream_max_interval_ms"].default,
         )
 
     def settings_update(self) -> dict[str, float]:
+        # The byte budget stays the default: no job of the benchmark comes near it.
         return {
             "stream_min_interval_ms": self.min_interval_ms,
             "stream_interval_growth": self.growth,
-            "stream_delta_max_interval_ms": self.delta_max_interval_ms,
+            "stream_max_interval_ms": self.max_interval_ms,
         }
 
 
@@ -138,7 +139,7 @@ class Mode:
     @property
     def name(self) -> str:
         """``raw``; ``handler-<stream mode>`` at the default settings, else with the clock:
-        ``-<ms>ms`` for a fixed interval, ``-growth<k>`` (and the delta cap) for others."""
+        ``-<ms>ms`` for a fixed interval, ``-growth<k>`` and the cap for others."""
         if self.kind == "raw":
             return "raw"
         name = f"handler-{self.stream_mode}"
@@ -147,11 +148,8 @@ class Mode:
             return name
         if clock.growth == 0:
             return f"{name}-{clock.min_interval_ms:g}ms"
-        name += f"-growth{clock.growth:g}"
-        if self.stream_mode == "delta":
-            cap = clock.delta_max_interval_ms
-            name += f"-cap{cap:g}ms" if cap else "-nocap"
-        return name
+        cap = clock.max_interval_ms
+        return f"{name}-growth{clock.growth:g}" + (f"-cap{cap:g}ms" if cap else "-nocap")
 
 
 @dataclass
@@ -395,9 +393,9 @@ class Plan:
             Mode("handler", "cumulative", fixed),
             Mode("handler", "delta", fixed),
         ]
-        if self.bytes_growths:
+        if self.bytes_growths:  # the gaps uncapped: the previous default of cumulative streams
             modes.append(
-                Mode("handler", "delta", dataclasses.replace(default, delta_max_interval_ms=0))
+                Mode("handler", "cumulative", dataclasses.replace(default, max_interval_ms=0))
             )
         for growth in self.bytes_growths:
             if growth != default.growth:

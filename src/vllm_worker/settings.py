@@ -12,9 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from vllm_worker.errors import SettingsError
+from vllm_worker.streaming import RUNPOD_MAX_RESULT_BYTES
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -67,11 +74,16 @@ class Settings(BaseModel):
     # Characters of text a job's input may hold, checked before it is read (input_size.py);
     # default: what the longest prompt that fits the context can have.
     max_input_chars: PositiveInt | None = None
+    # When a job's chunks go (streaming.EmissionClock): the first at once, then gaps that
+    # grow with the job's age (x growth), from the shortest to the longest (0: no cap; one
+    # below the shortest leaves the shortest); all of a job's intermediate chunks together
+    # stay within the byte budget.
     stream_min_interval_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] = 50.0
-    # Coalescing (streaming.EmissionClock): gaps grow with the job's age; delta streams
-    # capped. Chosen from bench/run.py's bytes table (README, Performance).
     stream_interval_growth: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
-    stream_delta_max_interval_ms: Annotated[float, Field(ge=0.0, le=60_000.0)] = 1000.0
+    stream_max_interval_ms: Annotated[float, Field(ge=0.0, le=60_000.0)] = 1000.0
+    # 4 MB: RunPod refuses a /run result over 10 MB, and a streaming job's result is all
+    # its chunks (the final one, the whole answer with its logprobs, comes on top).
+    stream_max_job_bytes: Annotated[int, Field(ge=10_000, le=RUNPOD_MAX_RESULT_BYTES)] = 4_000_000
     log_level: LogLevel = "INFO"
     # A Jinja chat template (the text itself) for chat input, over the tokenizer's (chat.py).
     custom_chat_template: str | None = None

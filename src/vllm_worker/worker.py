@@ -20,7 +20,7 @@ from vllm_worker.input_size import check_input_size, check_integers, default_max
 from vllm_worker.openai_input import is_openai_job, parse_openai_job
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
-from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock
+from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream
 
 if TYPE_CHECKING:  # engine.py imports vLLM; this module must not need it at run time
     from vllm_worker.engine import Engine
@@ -123,15 +123,16 @@ async def _run(
         echo=job_input.echo,
         mode=job_input.stream_mode,
     )
-    clock = EmissionClock.for_job(settings, job_input.stream_mode)
+    clock = EmissionClock.for_job(settings) if job_input.stream else None
+    stream = JobStream(builder, clock, max_tokens)
     # The engine merges the outputs that come before the clock lets the next chunk go, so
     # that each update here is one chunk (and nothing here runs per token).
-    async for update in engine.generate(request, clock.should_send if job_input.stream else None):
-        builder.add(update)
+    async for update in engine.generate(request, stream.due if job_input.stream else None):
+        now = time.perf_counter()
         if stats.first_token is None:
-            stats.first_token = time.perf_counter()
-        if job_input.stream and not update.finished:
-            yield builder.chunk()
+            stats.first_token = now
+        if (chunk := stream.add(update, now)) is not None:
+            yield chunk
     final = builder.final_chunk(with_logprobs=job_input.sampling_params.logprobs is not None)
     _log_job(job_id, stats, builder, final["finish_reason"])
     yield final

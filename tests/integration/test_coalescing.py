@@ -2,15 +2,14 @@
 
 The session's handler sends a chunk per engine output (``TINY_ENGINE_ENV``); these tests
 use the worker's default clock (``STREAM_MIN_INTERVAL_MS``, ``STREAM_INTERVAL_GROWTH``,
-``STREAM_DELTA_MAX_INTERVAL_MS``). No assertion is timed: the chunk count is bounded by
-the job's own measured duration.
+``STREAM_MAX_INTERVAL_MS``, ``STREAM_MAX_JOB_BYTES``). No assertion is timed: the chunk
+count is bounded by the job's own measured duration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -22,7 +21,12 @@ from vllm_worker.settings import Settings
 T = TypeVar("T")
 Run = Callable[[Awaitable[T]], T]
 
-CLOCK_FIELDS = ("stream_min_interval_ms", "stream_interval_growth", "stream_delta_max_interval_ms")
+CLOCK_FIELDS = (
+    "stream_min_interval_ms",
+    "stream_interval_growth",
+    "stream_max_interval_ms",
+    "stream_max_job_bytes",
+)
 JOB = {
     "prompt": "Tell me everything about the history of Paris.",
     "sampling_params": {"max_tokens": 300, "ignore_eos": True, "temperature": 0.0},
@@ -34,19 +38,23 @@ def default_clock(settings: Settings) -> Settings:
     return settings.model_copy(update={name: getattr(defaults, name) for name in CLOCK_FIELDS})
 
 
-def max_chunks(duration_s: float, min_interval_s: float, growth: float) -> float:
+def max_chunks(duration_s: float, settings: Settings) -> int:
     """At most how many chunks, the final one included, a job of ``duration_s`` can send.
 
-    The k-th chunk after the first (k >= 1) goes at an age of at least
-    ``min_interval_s * (1 + growth) ** (k - 1)``, and every chunk but the final one goes
-    within the job's duration.
+    After the first, each chunk waits at least the job's age x the growth, between the
+    shortest and the longest interval: the fastest schedule allowed, counted up to the
+    job's duration (every chunk but the final one goes within it).
     """
-    if duration_s <= min_interval_s:
-        return 2 + 1
-    return 3 + math.log(duration_s / min_interval_s, 1 + growth)
+    shortest = settings.stream_min_interval_ms / 1000
+    longest = settings.stream_max_interval_ms / 1000 or float("inf")
+    age, chunks = 0.0, 1
+    while age <= duration_s:
+        age += min(max(settings.stream_interval_growth * age, shortest), longest)
+        chunks += 1
+    return chunks  # the last one counted went past the duration: the final chunk's place
 
 
-def test_default_coalescing_sends_logarithmically_many_chunks(
+def test_default_coalescing_sends_few_chunks_and_loses_nothing(
     engine: Engine, settings: Settings, run: Run[Any]
 ) -> None:
     clocked = default_clock(settings)
@@ -59,10 +67,7 @@ def test_default_coalescing_sends_logarithmically_many_chunks(
     duration_s = time.perf_counter() - started
     reference = run(collect(every_output, JOB))
 
-    bound = max_chunks(
-        duration_s, clocked.stream_min_interval_ms / 1000, clocked.stream_interval_growth
-    )
-    assert len(chunks) <= bound, (len(chunks), duration_s)
+    assert len(chunks) <= max_chunks(duration_s, clocked), (len(chunks), duration_s)
     # Nothing is lost: greedy decoding, so the same text as a chunk per engine output.
     assert chunks[-1]["text"] == reference[-1]["text"]
     assert chunks[-1]["usage"]["completion_tokens"] == 300
