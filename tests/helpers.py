@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,16 @@ async def collect(handler: Handler, job_input: Any) -> list[Chunk]:
     """Run one job through the handler as the runpod SDK does; return every chunk."""
     job = {"id": f"job-{next(_job_numbers)}", "input": job_input}
     return [chunk async for chunk in handler(job)]
+
+
+async def until_no_request(engine: Any) -> int:
+    """Let the event loop turn until vLLM holds no request (a deadline of 10 s, not a
+    wait: it returns as soon as there is none); how many it holds."""
+    for _ in range(1000):
+        if engine.async_llm.get_num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.01)
+    return int(engine.async_llm.get_num_unfinished_requests())
 
 
 def group_members(pgid: int) -> list[str]:

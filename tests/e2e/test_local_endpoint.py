@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,11 @@ SEED_PROMPT = (
     "\nWrite me an essay about how the french revolution impacted the rest of europe over "
     "the 18th century. \n"
 )
+SEED_FLOW_TOKENS = 2000  # the endpoint's MAX_MODEL_LEN is 2048
+# Jobs that must still run when the test looks: 4 x 2000 tokens take seconds on the tiny
+# model however fast the machine is (at most a few thousand tokens/s for 4 sequences).
+LONG_INPUT = {"n": 4, "max_tokens": 2000, "ignore_eos": True}
+LONG_STORY = {"prompt": "A long story:", "sampling_params": LONG_INPUT}
 
 
 # --- the endpoint process -------------------------------------------------------------
@@ -78,8 +82,9 @@ def seed_flow(endpoint: EndpointProcess) -> tuple[dict[str, Any], list[dict[str,
     """The seed endpoint's own Python flow with the URL changed; /run's reply and the polls.
 
     Changed besides the URL: ``ignore_eos``, so that the random tiny model writes all of
-    the 1000 tokens, and polls every 0.1 s until COMPLETED instead of 10 polls a second
-    apart (the tiny model on a CPU writes 1000 tokens in 2-6 s).
+    its tokens, ``max_tokens`` as long as the context allows (2000: at least 2 s of
+    generation at the tiny model's fastest, 900 tokens/s), and polls every 0.1 s until
+    COMPLETED instead of 10 polls a second apart.
     """
     url = f"{endpoint.url}/run"
     headers = {
@@ -91,7 +96,7 @@ def seed_flow(endpoint: EndpointProcess) -> tuple[dict[str, Any], list[dict[str,
         "input": {
             "prompt": prompt,
             "sampling_params": {
-                "max_tokens": 1000,
+                "max_tokens": SEED_FLOW_TOKENS,
                 "n": 1,
                 "presence_penalty": 0.2,
                 "frequency_penalty": 0.7,
@@ -115,72 +120,73 @@ def seed_flow(endpoint: EndpointProcess) -> tuple[dict[str, Any], list[dict[str,
 
 
 def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) -> None:
-    # A client starved of CPU by the engine (2 cores, other tests) can miss the whole
-    # generation between two polls: then the flow runs again, up to three times.
-    for attempt in range(1, 4):
-        response_json, polls = seed_flow(endpoint)
-        job_id = response_json["id"]
-        assert response_json == {"id": job_id, "status": "IN_QUEUE"}
-        assert polls[-1]["status"] == "COMPLETED", polls[-1]
-        order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
-        assert [order.index(poll["status"]) for poll in polls] == sorted(
-            order.index(poll["status"]) for poll in polls
-        )
-        for poll in polls:
-            assert set(poll) == {"id", "status", "stream"}
-            assert poll["id"] == job_id
-            assert all(set(item) == {"output"} for item in poll["stream"])
-        # Each poll returned what was new since the previous one: together, every chunk once.
-        chunks = [item["output"] for poll in polls for item in poll["stream"]]
-        check_chunks(chunks, prompt=SEED_PROMPT, n=1, max_tokens=1000)
+    response_json, polls = seed_flow(endpoint)
+    job_id = response_json["id"]
+    assert response_json == {"id": job_id, "status": "IN_QUEUE"}
+    assert polls[-1]["status"] == "COMPLETED", polls[-1]
+    order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert [order.index(poll["status"]) for poll in polls] == sorted(
+        order.index(poll["status"]) for poll in polls
+    )
+    for poll in polls:
+        assert set(poll) == {"id", "status", "stream"}
+        assert poll["id"] == job_id
+        assert all(set(item) == {"output"} for item in poll["stream"])
+    # Each poll returned what was new since the previous one: together, every chunk once.
+    chunks = [item["output"] for poll in polls for item in poll["stream"]]
+    check_chunks(chunks, prompt=SEED_PROMPT, n=1, max_tokens=SEED_FLOW_TOKENS)
 
-        final = status(endpoint, job_id)
-        assert set(final) == {"id", "status", "delayTime", "executionTime", "output"}
-        assert final["status"] == "COMPLETED"
-        assert final["output"] == chunks  # the aggregate: all chunks, in order
-        assert final["output"][-1]["text"] == chunks[-1]["text"]
-        assert isinstance(final["delayTime"], int)
-        assert final["executionTime"] > 0
-        # Nothing is left to stream; POST reads the same as GET.
-        assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
-            "id": job_id,
-            "status": "COMPLETED",
-            "stream": [],
-        }
-        assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
+    final = status(endpoint, job_id)
+    assert set(final) == {"id", "status", "delayTime", "executionTime", "output"}
+    assert final["status"] == "COMPLETED"
+    assert final["output"] == chunks  # the aggregate: all chunks, in order
+    assert final["output"][-1]["text"] == chunks[-1]["text"]
+    assert isinstance(final["delayTime"], int)
+    assert final["executionTime"] > 0
+    # Nothing is left to stream; POST reads the same as GET.
+    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
+        "id": job_id,
+        "status": "COMPLETED",
+        "stream": [],
+    }
+    assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
 
-        partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
-        print(
-            f"seed flow, attempt {attempt}: {len(chunks)} chunks, {len(polls)} polls, "
-            f"{len(partial)} with partial output; executionTime {final['executionTime']} ms"
-        )
-        if len(partial) >= 2:
-            break
+    partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
+    print(
+        f"seed flow: {len(chunks)} chunks, {len(polls)} polls, {len(partial)} with partial "
+        f"output; executionTime {final['executionTime']} ms"
+    )
     assert len(partial) >= 2, [(poll["status"], len(poll["stream"])) for poll in polls]
 
 
-def test_time_to_first_chunk_through_http_polling(endpoint: EndpointProcess) -> None:
-    """From POST /run to the first /stream reply with a chunk, polling every 10 ms."""
+def test_the_first_chunk_can_be_read_while_the_job_runs(endpoint: EndpointProcess) -> None:
+    """From POST /run to the first /stream reply with a chunk, polling every 10 ms: the
+    chunk comes while the job is IN_PROGRESS (a long one), not with its end. The time is
+    printed, not bounded (the benchmark measures it: ``bench/``)."""
     figures = []
-    for attempt in range(5):
+    for attempt in range(3):
         job_input = {
             "prompt": f"Attempt {attempt}: once upon a time",
-            "sampling_params": {"max_tokens": 32, "ignore_eos": True},
+            "sampling_params": LONG_INPUT,
         }
         started = time.monotonic()
         job_id = submit(endpoint, job_input)
         deadline = started + JOB_TIMEOUT_S
-        while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["stream"]:
+        url = f"{endpoint.url}/stream/{job_id}"
+        while not (seen := requests.get(url, timeout=10).json())["stream"]:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         figures.append(time.monotonic() - started)
-        wait_final(endpoint, job_id)
-    median = statistics.median(figures)
+        assert seen["status"] == "IN_PROGRESS", seen["status"]
+        assert "finish_reason" not in seen["stream"][0]["output"]
+        assert requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json() == {
+            "id": job_id,
+            "status": "CANCELLED",
+        }
     print(
-        "time to first chunk via HTTP polling: median "
-        f"{median * 1000:.0f} ms ({', '.join(f'{f * 1000:.0f}' for f in figures)} ms)"
+        "time to first chunk via HTTP polling: "
+        f"{', '.join(f'{figure * 1000:.0f}' for figure in figures)} ms"
     )
-    assert median < 5.0
 
 
 def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess) -> None:
@@ -194,11 +200,9 @@ def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess
     check_chunks(body["output"], prompt="Quick:", n=1, max_tokens=16)
     assert status(endpoint, body["id"]) == body
 
-    # A job longer than ?wait=: the reply says where it is; /status has the result later.
-    long_input = {
-        "prompt": "Slow:",
-        "sampling_params": {"n": 4, "max_tokens": 400, "ignore_eos": True},
-    }
+    # A job longer than ?wait= (1 s): the reply says where it is; /status has the result
+    # later.
+    long_input = {"prompt": "Slow:", "sampling_params": LONG_INPUT}
     started = time.monotonic()
     reply = requests.post(
         f"{endpoint.url}/runsync?wait=1000", json={"input": long_input}, timeout=100
@@ -210,7 +214,7 @@ def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess
     assert 0.9 < waited < 10.0
     final = wait_final(endpoint, body["id"])
     assert final["status"] == "COMPLETED"
-    check_chunks(final["output"], prompt="Slow:", n=4, max_tokens=400)
+    check_chunks(final["output"], prompt="Slow:", n=4, max_tokens=2000)
 
 
 def test_a_validation_error_fails_the_job_and_the_next_one_works(
@@ -239,50 +243,35 @@ def test_a_validation_error_fails_the_job_and_the_next_one_works(
     assert (unknown.status_code, unknown.json()) == (404, {"error": "request does not exist"})
 
 
-def cancel_once(endpoint: EndpointProcess) -> dict[str, Any] | None:
-    """Two identical long jobs side by side; cancel one once it streams. Figures, or None
-    when the generation had ended in the engine before the stop reached the worker."""
-    # 4 x 2000 tokens: seconds of generation (the context is 2048 tokens).
-    long_input = {
-        "prompt": "A long story:",
-        "sampling_params": {"n": 4, "max_tokens": 2000, "ignore_eos": True},
-    }
-    job_id, twin_id = submit(endpoint, long_input), submit(endpoint, long_input)
+def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
+    """Two identical long jobs side by side; one is cancelled once it streams. Its vLLM
+    request is aborted long before its end, and nothing it posted after the cancel is
+    kept."""
+    job_id, twin_id = submit(endpoint, LONG_STORY), submit(endpoint, LONG_STORY)
     submitted = time.monotonic()
-    while True:
+    while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["stream"]:
         assert time.monotonic() < submitted + JOB_TIMEOUT_S
-        seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
-        if seen["stream"] or seen["status"] not in {"IN_QUEUE", "IN_PROGRESS"}:
-            break
         time.sleep(0.02)
     cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
     cancelled_at = time.monotonic()
-    if cancel["status"] != "CANCELLED":
-        wait_final(endpoint, twin_id)
-        return None
     assert cancel == {"id": job_id, "status": "CANCELLED"}
     # What was streamed before the cancel can still be read.
     before = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
     assert before["status"] == "CANCELLED"
 
-    # The worker's SDK got the stop signal and cancelled the job's task (which aborts the
-    # vLLM request: tests/integration/test_handler.py).
-    endpoint.wait_for_log(rf"\| {job_id} \| Job stopped\.", 15)
+    # The worker's SDK got the stop signal and cancelled the job's task, which aborted the
+    # vLLM request (the worker logs it with the tokens generated so far).
+    aborted = endpoint.wait_for_log(
+        rf"request {re.escape(job_id)}-\w+ aborted after (\d+) tokens", JOB_TIMEOUT_S
+    )
     stopped_after = time.monotonic() - cancelled_at
-
-    # Had it gone on, it would have finished about when its twin did.
     twin = wait_final(endpoint, twin_id)
     assert twin["status"] == "COMPLETED"
-    twin_s = time.monotonic() - submitted
-    time.sleep(max(1.0, 0.2 * twin_s))
     log = endpoint.log()
-    assert f"job {twin_id} done:" in log
-    done_at = log.find(f"job {job_id} done:")
-    if done_at != -1:
-        # A worker process starved of CPU sees the engine's outputs late: the engine may
-        # have written every token before the stop came. Then there was nothing to stop.
-        assert done_at < log.index(f"| {job_id} | Stopping job."), "went on after the stop"
-        return None
+    assert int(aborted.group(1)) < 4 * 2000  # stopped before its end: its twin wrote them all
+    assert twin["output"][-1]["usage"]["completion_tokens"] == 4 * 2000
+    assert f"job {job_id} done:" not in log  # the handler never finished it
+    assert log.index(f"| {job_id} | Stopping job.") < aborted.start()
 
     final = status(endpoint, job_id)
     assert final["status"] == "CANCELLED"
@@ -294,16 +283,15 @@ def cancel_once(endpoint: EndpointProcess) -> dict[str, Any] | None:
         "stream": [],
     }
     # What the worker posted after the cancel (ignored): the posts in flight until the stop
-    # reached it. How many depends on the machine's load (no timing bound here); it must be
-    # far fewer than a whole generation, which its uncancelled twin shows.
+    # reached it; far fewer than a whole generation, which its uncancelled twin shows.
     late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
     assert max(late, default=0) < len(twin["output"]) / 2, (late, len(twin["output"]))
-    return {
-        "seen_ms": stopped_after * 1000,
-        "stopped_ms": _stop_latency_ms(log, job_id),
-        "late": max(late, default=0),
-        "twin_s": twin_s,
-    }
+    print(
+        f"cancel: aborted after {aborted.group(1)} of {4 * 2000} tokens; the test saw it "
+        f"{stopped_after * 1000:.0f} ms after /cancel (an upper bound: "
+        f"{_stop_latency_ms(log, job_id):.0f} ms in the log); {max(late, default=0)} late "
+        f"posts ignored; its twin took {time.monotonic() - submitted:.1f} s"
+    )
 
 
 def _stop_latency_ms(log: str, job_id: str) -> float:
@@ -324,23 +312,6 @@ def _stop_latency_ms(log: str, job_id: str) -> float:
     start = stamp(lines[cancelled])
     assert start is not None
     return after - start
-
-
-def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
-    for attempt in range(1, 4):
-        figures = cancel_once(endpoint)
-        if figures is not None:
-            break
-        print(f"cancel, attempt {attempt}: the generation ended before the stop; again")
-    else:
-        pytest.fail("three times, the generation ended before the cancel reached the engine")
-    print(
-        # Both are upper bounds: when the test saw the SDK's line, and the log's next time.
-        "cancel: the SDK stopped the task <= "
-        f"{min(figures['seen_ms'], figures['stopped_ms']):.0f} ms after /cancel; "
-        f"{figures['late']} late posts ignored; its uncancelled twin took "
-        f"{figures['twin_s']:.1f} s"
-    )
 
 
 def test_fifty_concurrent_jobs_all_complete_correctly(endpoint: EndpointProcess) -> None:

@@ -233,7 +233,12 @@ def test_stopping_answers_held_polls_at_once() -> None:
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while not endpoint.call(
+        lambda store: WORKER in store.workers and store.workers[WORKER].open_polls
+    ):
+        assert time.monotonic() < deadline, "the poll never reached the endpoint"
+        time.sleep(0.01)
     started = time.monotonic()
     endpoint.stop()
     thread.join(10)
@@ -267,8 +272,9 @@ def test_the_worker_environment_attaches_it_and_keeps_the_callers_settings() -> 
         assert env[name].startswith("http://127.0.0.1:")
 
 
-def run_cli(*args: str, stop_after_s: float | None = None) -> tuple[int, str]:
-    """``python -m vllm_worker.local_endpoint ...`` (SIGTERM after ``stop_after_s``)."""
+def run_cli(*args: str, stop_once: str | None = None) -> tuple[int, str]:
+    """``python -m vllm_worker.local_endpoint ...``; SIGTERM once a line of its output
+    holds ``stop_once``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_worker.local_endpoint", "--port", "0", *args],
         stdout=subprocess.PIPE,
@@ -276,10 +282,16 @@ def run_cli(*args: str, stop_after_s: float | None = None) -> tuple[int, str]:
         start_new_session=True,
     )
     try:
-        if stop_after_s is not None:
-            time.sleep(stop_after_s)
-            proc.send_signal(signal.SIGTERM)
+        early = b""
+        if stop_once is not None:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # ends with the process (its output closes)
+                early += line
+                if stop_once.encode() in line:
+                    proc.send_signal(signal.SIGTERM)
+                    break
         output, _ = proc.communicate(timeout=30)
+        output = early + output
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -295,7 +307,7 @@ def test_the_endpoint_exits_when_its_worker_dies() -> None:
 
 
 def test_no_worker_mode_prints_what_a_worker_needs_and_stops_on_sigterm() -> None:
-    returncode, output = run_cli("--no-worker", stop_after_s=3.0)
+    returncode, output = run_cli("--no-worker", stop_once="export RUNPOD_SKIP_GPU_CHECK")
     assert returncode == 0, output
     exports = dict(re.findall(r"export (\w+)='([^']*)'", output))
     assert exports["RUNPOD_WEBHOOK_GET_JOB"].startswith("http://127.0.0.1:")
@@ -323,7 +335,11 @@ def test_the_worker_dies_with_a_killed_endpoint(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
         worker_pid = int(found.group(1))
-        time.sleep(1.0)  # past the wrapper that arms the kernel's parent-death signal
+        # Past the wrapper that arms the kernel's parent-death signal: it execs the worker.
+        deadline = time.monotonic() + 30
+        while b"time.sleep(120)" not in _cmdline(worker_pid):
+            assert time.monotonic() < deadline, "the wrapper never started the worker"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)  # no chance to stop its worker itself
         proc.wait(10)
         deadline = time.monotonic() + 10
@@ -335,6 +351,13 @@ def test_the_worker_dies_with_a_killed_endpoint(tmp_path: Path) -> None:
             if pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _state(pid: int) -> str:

@@ -263,7 +263,7 @@ def test_a_client_that_goes_away_cancels_its_job(endpoint: EndpointProcess, mode
     reply = requests.post(
         f"{endpoint.url}/openai/v1/completions",
         headers={"Authorization": f"Bearer {API_KEY}"},
-        json={"model": model, "prompt": "Hello", "max_tokens": 1500, "stream": True, **IGNORE_EOS},
+        json={"model": model, "prompt": "Hello", "max_tokens": 2000, "stream": True, **IGNORE_EOS},
         stream=True,
         timeout=JOB_TIMEOUT_S,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from helpers import until_no_request
 from vllm_worker.admission import EngineLoad, allowed_concurrency
 from vllm_worker.engine import Engine
 from vllm_worker.streaming import Chunk
@@ -17,15 +18,6 @@ from vllm_worker.worker import Handler
 pytestmark = pytest.mark.engine
 
 Run = Callable[..., Any]
-
-
-async def until_no_request(engine: Engine) -> int:
-    """Let the event loop turn (bounded) until vLLM holds no request; how many it holds."""
-    for _ in range(200):
-        if engine.async_llm.get_num_unfinished_requests() == 0:
-            break
-        await asyncio.sleep(0.01)
-    return int(engine.async_llm.get_num_unfinished_requests())
 
 
 def test_a_job_cancelled_while_its_chunk_is_posted_is_aborted_at_once(
