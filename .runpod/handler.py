@@ -8,9 +8,9 @@ This file is the same two lines, so that ``python .runpod/handler.py`` behaves e
 
 import sys
 
-from vllm_worker.main import main
+from vllm_worker.main import run
 
 # vLLM starts its engine processes with `spawn`, which re-imports this script in each
 # child: everything must stay behind this guard.
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

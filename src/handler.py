@@ -2,9 +2,9 @@
 
 import sys
 
-from vllm_worker.main import main
+from vllm_worker.main import run
 
 # vLLM starts its engine processes with `spawn`, which re-imports this script in each
 # child: everything must stay behind this guard.
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

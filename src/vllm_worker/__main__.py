@@ -3,8 +3,8 @@ source tree (the local endpoint starts the worker this way inside the image)."""
 
 import sys
 
-from vllm_worker.main import main
+from vllm_worker.main import run
 
 # vLLM's spawned engine processes re-import this module: nothing may run outside the guard.
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

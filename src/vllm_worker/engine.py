@@ -29,6 +29,10 @@ from vllm_worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long the engine core gets to stop after SIGTERM (vLLM's default is 5 s): with the
+# grace period before it, a worker's stop fits Docker's 10 s before SIGKILL.
+ENGINE_STOP_TIMEOUT_S = 2.0
+
 
 class Engine:
     """One vLLM ``AsyncLLMEngine`` shared by every job of the worker."""
@@ -154,11 +158,12 @@ class Engine:
             progress.log_abort(" (its job's task ended)")
 
     def shutdown(self) -> None:
-        """Stop the engine's processes (they would outlive a killed parent)."""
+        """Stop the engine's processes (they would outlive a killed parent); those that do
+        not stop within ``ENGINE_STOP_TIMEOUT_S`` are killed: the worker is exiting."""
         if self.async_llm is None:
             return
         try:
-            self.async_llm.shutdown()
+            self.async_llm.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
         except Exception:  # a dead engine's: its processes are gone or going anyway
             log.warning("stopping the engine failed", exc_info=True)
         # Drop the engine now: its __del__ shuts down again, which fails noisily when

@@ -21,9 +21,11 @@ long-poll job-take and batch job-take requests. It changes when things happen:
   jobs, and the modifier's value only bounds how many are taken.
 - **Signals and stopping**: SIGTERM/SIGINT start ``Lifecycle.begin_shutdown`` (the SDK's
   own handler waits for jobs in flight without a deadline). Once the life cycle stops
-  taking jobs, no new take request is made (one under way is never cut off: the platform
-  may have handed it a job, which still runs, or fails at once when the engine is dead);
-  the loop ends once every job taken is posted. The held job-stop poll ends with it.
+  taking jobs, no new take request is made; one under way is waited for while jobs taken
+  still run, up to the grace period (the platform may have handed it a job, which still
+  runs, or fails at once when the engine is dead), then cut off (at once when none runs),
+  so that a held long poll cannot keep the worker past the platform's SIGKILL. The loop
+  ends once every job taken is posted. The held job-stop poll ends with it.
 
 Every SDK internal relied on here is listed in ``SDK_INTERNALS``; a unit test pins their
 source to runpod 1.12.0's, so that an upgrade that changes them is noticed.
@@ -206,7 +208,7 @@ class EventDrivenScaler(JobScaler):  # type: ignore[misc]
         while (wanted := await self._wait_for_room()) > 0:
             try:
                 jobs = await asyncio.wait_for(
-                    self._take(session, wanted), timeout=self.jobs_fetcher_timeout
+                    self._take_unless_aborted(session, wanted), timeout=self.jobs_fetcher_timeout
                 )
             except TooManyRequests:
                 log.warning("job-take: too many requests; again in %g s", TOO_MANY_REQUESTS_PAUSE_S)
@@ -228,6 +230,27 @@ class EventDrivenScaler(JobScaler):  # type: ignore[misc]
                 await self.jobs_queue.put(job)
         await self._until_no_job()
         self.kill_worker()
+
+    async def _take_unless_aborted(
+        self, session: ClientSession, wanted: int
+    ) -> list[dict[str, Any]] | None:
+        """A job-take request, cut off once stopping leaves nothing to wait for: after a
+        stop signal, a take under way may still bring a job (the platform may have handed
+        it out), so it is waited for while jobs taken still run, up to the grace period;
+        then, or at once when none runs, it is cut off, so that a held long poll cannot
+        keep the worker past the platform's SIGKILL."""
+        take = asyncio.ensure_future(self._take(session, wanted))
+        await _first_of(take, self._nothing_left_to_wait_for())
+        if take.done():
+            return take.result()
+        take.cancel()
+        log.info("stopping: the job-take request under way is cut off")
+        return None
+
+    async def _nothing_left_to_wait_for(self) -> None:
+        """Once stopping: until the jobs in flight are aborted or none is left."""
+        await self.lifecycle.stop_taking.wait()
+        await _first_of(self.lifecycle.aborted.wait(), self._until_no_job())
 
     async def _wait_for_room(self) -> int:
         """How many jobs to ask for, once there is room for one; 0 once stopping."""

@@ -57,6 +57,9 @@ class Lifecycle:
         self._is_engine_dead = is_engine_dead
         self.state = State.SERVING
         self.stop_taking = asyncio.Event()
+        # Set once the jobs in flight are aborted (the grace period ended, a second
+        # signal, a dead engine): nothing is waited for any more.
+        self.aborted = asyncio.Event()
         self._abort_error: WorkerError | None = None
         self._jobs: dict[asyncio.Task[Any], _Job] = {}
         self._timers: set[asyncio.Task[None]] = set()
@@ -116,6 +119,7 @@ class Lifecycle:
         self.state = state
         self._abort_error = error
         self.stop_taking.set()
+        self.aborted.set()
         for task, job in self._jobs.items():
             # A job waiting inside the handler is cancelled there (vLLM aborts its request
             # and the guard reports the error); one whose chunk is being posted notices

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 from vllm_worker import model_source
 from vllm_worker.errors import SettingsError, WorkerError
@@ -38,6 +40,24 @@ def choose_mode(argv: Sequence[str], settings: Settings) -> RunMode:
     if "--rp_serve_api" in argv or settings.runpod_realtime_port:
         return RunMode.SDK_API_SERVER
     return RunMode.LOCAL_TEST
+
+
+def run(argv: Sequence[str]) -> NoReturn:
+    """The entry scripts' one call: ``main``, then the process ends at once.
+
+    By then every job is posted and the engine stopped. What is left is the interpreter's
+    teardown of vLLM and torch (about 2 s here), which would eat into the 10 s Docker (and
+    RunPod) leave between SIGTERM and SIGKILL; so the logs are flushed, the processes the
+    runpod SDK started (its heartbeat) are stopped, and the process exits without it.
+    """
+    code = main(argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(2.0)
+    os._exit(code)
 
 
 def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
@@ -82,7 +102,9 @@ def _run(argv: Sequence[str], settings: Settings) -> int:
     with serving(settings) as worker:
         # The SDK's job loop with the worker's life cycle (SIGTERM, a dead engine) and
         # admission; it returns once the jobs it took are posted.
-        return job_loop.serve(worker.engine, settings, worker.handler)
+        exit_code = job_loop.serve(worker.engine, settings, worker.handler)
+    log.info("engine stopped; exiting with code %d", exit_code)
+    return exit_code
 
 
 def _configure_logging(settings: Settings) -> None:

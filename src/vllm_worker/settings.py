@@ -67,8 +67,9 @@ class Settings(BaseModel):
     # --- the worker ----------------------------------------------------------------
     max_concurrency: PositiveInt = 64
     # After SIGTERM: how long jobs in flight may still run before they are aborted
-    # (lifecycle.py). Fits Docker's default 10 s between SIGTERM and SIGKILL.
-    shutdown_grace_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 8.0
+    # (lifecycle.py). With the engine's own shutdown after it (about 4 s), it fits
+    # Docker's default 10 s between SIGTERM and SIGKILL.
+    shutdown_grace_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 5.0
     default_max_tokens: PositiveInt = 1024
     max_n: Annotated[int, Field(ge=1, le=128)] = 16
     # Characters of text a job's input may hold, checked before it is read (input_size.py);

@@ -83,7 +83,8 @@ def serving(settings: Settings) -> Iterator[Serving]:
     engine = _start_engine(settings)
     built: Serving | None = None
     try:
-        built = build(engine, settings)
+        with _interrupted_by_stop_signals():  # building the routes takes a second too
+            built = build(engine, settings)
         yield built
     finally:
         engine.shutdown()

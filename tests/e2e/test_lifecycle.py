@@ -332,3 +332,34 @@ def _check_admission(endpoint: ThreadedEndpoint, worker: WorkerProcess) -> None:
         "admission: the late job waited "
         f"{late_job.started_at - late_job.submitted_at:.1f} s in the endpoint's queue"
     )
+
+
+def test_sigterm_while_the_engine_starts_stops_its_processes_and_exits_0(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """RunPod scales workers down at any time, also while their engine still starts: the
+    worker stops the engine's processes (they would outlive it) and exits 0 at once."""
+    with ThreadedEndpoint(EndpointConfig(port=0, take_hold_s=0.5, stop_hold_s=0.5)) as endpoint:
+        env = build_env(worker_env, endpoint.worker_env("starting"))
+        worker = WorkerProcess(env, tmp_path, tmp_path / "worker.log")
+        worker.start()
+        assert worker.proc is not None
+        try:
+            deadline = time.monotonic() + 120
+            # The engine's processes exist: the start is under way.
+            while not any("VLLM::EngineCore" in m for m in group_members(worker.proc.pid)):
+                worker.check_alive()
+                assert time.monotonic() < deadline, worker.log_tail()
+                time.sleep(0.05)
+            assert "job-take" not in worker.log()  # not serving yet
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.proc.wait(STOP_TIMEOUT_S) == 0, worker.log_tail()
+            log = worker.log()
+            assert "SIGTERM while the engine starts: stopping" in log
+            # Nothing of the engine outlived it (a moment for processes that are exiting).
+            deadline = time.monotonic() + 10
+            while group_members(worker.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert group_members(worker.proc.pid) == []
+        finally:
+            worker.stop()

@@ -346,3 +346,49 @@ def test_a_failing_job_take_is_retried_after_a_pause_not_in_a_spin() -> None:
         await stop(scaler, running)
 
     run_frozen(scenario)
+
+
+def test_a_held_take_is_cut_off_once_stopping_leaves_nothing_to_wait_for() -> None:
+    async def scenario() -> None:
+        scaler, platform, jobs = make_scaler([[job("a")]])
+        forever = asyncio.Event()
+        answers = platform.take
+
+        async def second_take_held_forever(session: Any, wanted: int) -> Any:
+            if not platform.takes:
+                return await answers(session, wanted)
+            platform.takes.append(wanted)
+            await forever.wait()  # a platform that holds the poll past any grace
+
+        scaler._take = second_take_held_forever
+        running = asyncio.ensure_future(scaler.run())
+        await jobs.until_started("a")
+        await turns()
+        scaler.lifecycle.begin_shutdown()  # SIGTERM: the take under way is waited for ...
+        await turns()
+        assert not running.done()
+        jobs.finish("a")  # ... while a job runs; then cut off
+        await running
+        assert platform.takes == [4, 3]
+        assert jobs.ended == ["a"]
+
+    run_frozen(scenario)
+
+
+def test_a_held_take_is_cut_off_at_once_when_stopping_with_no_job() -> None:
+    async def scenario() -> None:
+        scaler, platform, _jobs = make_scaler([])
+        forever = asyncio.Event()
+
+        async def held_forever(_session: Any, wanted: int) -> Any:
+            platform.takes.append(wanted)
+            await forever.wait()
+
+        scaler._take = held_forever
+        running = asyncio.ensure_future(scaler.run())
+        await turns()
+        scaler.lifecycle.begin_shutdown()
+        await running  # no timer can fire here: it ended on the signal itself
+        assert platform.takes == [4]
+
+    run_frozen(scenario)
