@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # RunPod serverless worker: vLLM 0.32 (CUDA build, from vLLM's own image) + this package
 # + the runpod SDK 1.12, serving Llama 2 7B Chat by default.
 #
@@ -12,6 +10,12 @@
 #   QUANTIZATION        vLLM quantization, e.g. awq    default empty (= none)
 #   BAKE_MODEL          1: download the model into the image now and run offline;
 #                       0: the worker downloads it when it starts   default 0
+#   HF_ENDPOINT         the Hub to download from                   default empty (= the
+#                                                      Hugging Face Hub; a mirror, or the
+#                                                      image test's stand-in)
+#   BASE_IMAGE          the image to build on        default vllm/vllm-openai:v0.32.0
+#                       (scripts/test_image.sh builds on a local stand-in for it: no
+#                       registry can be reached there)
 # All but BAKE_MODEL become the worker's ENV defaults (MODEL_NAME, MODEL_REVISION, ...);
 # the endpoint's environment variables override them at run time.
 #
@@ -27,17 +31,21 @@
 # /models/manifest.json describing it. MODEL_NAME stays the public repo id: with
 # HF_HUB_OFFLINE=1, vLLM finds the snapshot in the cache by that id itself.
 
+# No `# syntax=` line: BuildKit's built-in frontend handles `RUN --mount`, and a syntax
+# line makes every build pull a frontend image from Docker Hub.
+ARG BASE_IMAGE=vllm/vllm-openai:v0.32.0
+
 ############################## wheel: this package ##############################
 # Built in its own stage so that the final image holds the installed package only, not a
 # source tree beside src/handler.py that would shadow it.
-FROM vllm/vllm-openai:v0.32.0 AS wheel
+FROM ${BASE_IMAGE} AS wheel
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src/ src/
 RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 ############################## the worker ##############################
-FROM vllm/vllm-openai:v0.32.0
+FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -46,15 +54,15 @@ WORKDIR /app
 
 # runpod 1.12 requires fastapi>=0.141.1 and vLLM 0.32 fastapi<0.137, which pip refuses to
 # resolve: runpod goes in without its requirements, then those requirements minus fastapi
-# (runpod only imports fastapi for its local dev server). Rarely changes: first layer.
-COPY requirements/runpod.txt requirements/runpod.txt
-RUN python3 -m pip install --no-cache-dir --no-deps runpod==1.12.0 \
-    && python3 -m pip install --no-cache-dir -r requirements/runpod.txt
+# (runpod only imports fastapi for its local dev server). Rarely changes: first layer. The
+# requirements file is mounted, not copied: nothing of the build stays in /app.
+RUN --mount=type=bind,source=requirements,target=/tmp/build/requirements \
+    python3 -m pip install --no-cache-dir --no-deps runpod==1.12.0 \
+    && python3 -m pip install --no-cache-dir -r /tmp/build/requirements/runpod.txt
 
 # The model (~13.5 GB for Llama 2 7B), before the package: editing the worker's code does
 # not download it again. HF_HOME points to a throw-away folder for the download's own
-# caches (xet chunks), removed in the same layer.
-COPY builder/download_model.py builder/download_model.py
+# caches (xet chunks), removed in the same layer; the builder is mounted, not copied.
 ARG MODEL_NAME=meta-llama/Llama-2-7b-chat-hf
 ARG MODEL_REVISION=""
 # DL3064 flags names containing "TOKEN": these are the tokenizer's repo and revision.
@@ -63,10 +71,13 @@ ARG TOKENIZER_NAME=""
 # hadolint ignore=DL3064
 ARG TOKENIZER_REVISION=""
 ARG BAKE_MODEL=0
+ARG HF_ENDPOINT=""
 ENV HF_HUB_CACHE=/models
 RUN --mount=type=secret,id=hf_token,required=false \
+    --mount=type=bind,source=builder,target=/tmp/build/builder \
     case "${BAKE_MODEL}" in \
-        1) HF_HOME=/tmp/hf-build python3 builder/download_model.py \
+        1) HF_HOME=/tmp/hf-build HF_ENDPOINT="${HF_ENDPOINT:-https://huggingface.co}" \
+            python3 /tmp/build/builder/download_model.py \
                 --model "${MODEL_NAME}" \
                 --revision "${MODEL_REVISION}" \
                 --tokenizer "${TOKENIZER_NAME}" \

@@ -178,8 +178,11 @@ def download_dir(
     return str(Path(settings.runpod_volume_path) / VOLUME_CACHE)
 
 
-def describe(settings: Settings, baked: BakedModel | None, weights_dir: str | None) -> str:
-    """One line for the log: which model, from where, online or offline."""
+def describe(
+    settings: Settings, baked: BakedModel | None, weights_dir: str | None, *, local: bool = False
+) -> str:
+    """One line for the log: which model, from where, online or offline (``local``:
+    ``MODEL_NAME`` is a folder on this machine)."""
     mode = "offline" if is_offline(settings) else "online"
     if baked is not None and serves_baked_model(settings, baked):
         size = f", {baked.total_bytes / 1e9:.2f} GB" if baked.total_bytes is not None else ""
@@ -187,7 +190,11 @@ def describe(settings: Settings, baked: BakedModel | None, weights_dir: str | No
             f"model: {baked.model_name} at {baked.revision}, baked into the image "
             f"({baked.path or baked.manifest_path}{size}); {mode}"
         )
-    if baked is not None:
+    if local:
+        where = "weights from that local folder"
+        if baked is not None:
+            where += f", not the model baked into the image ({baked.model_name})"
+    elif baked is not None:
         where = f"not the model baked into the image ({baked.model_name} at {baked.revision})"
         if weights_dir is not None:
             where += f"; weights in {weights_dir}"
@@ -213,7 +220,7 @@ def resolve(
         if problem:
             raise SettingsError(problem)
     weights_dir = download_dir(settings, baked, volume_mounted=volume_mounted)
-    message = describe(settings, baked, weights_dir)
+    message = describe(settings, baked, weights_dir, local=is_local_path(settings.model_name))
     if weights_dir != settings.download_dir:
         settings = settings.model_copy(update={"download_dir": weights_dir})
     return ModelSource(settings, baked, (message,))

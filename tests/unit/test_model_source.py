@@ -377,3 +377,12 @@ def test_a_file_at_the_volume_path_is_not_a_volume(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "runpod-volume"
     not_a_dir.write_text("")
     assert prepare(settings_for(None, str(not_a_dir))).download_dir is None
+
+
+def test_a_local_folder_is_said_to_be_one_not_the_hub_cache() -> None:
+    from vllm_worker.model_source import describe
+
+    settings = Settings.from_env({"MODEL_NAME": "/models/my-llama", "HF_HUB_CACHE": "/models"})
+    line = describe(settings, None, None, local=True)
+    assert line == "model: /models/my-llama; weights from that local folder; online"
+    assert "Hugging Face cache" not in line

@@ -1,0 +1,459 @@
+"""The image, built from the project's real Dockerfile and run for real.
+
+Built on a local stand-in for ``vllm/vllm-openai:v0.32.0`` (``standin/Dockerfile``: vLLM's
+CPU build, installed as vLLM's image installs vLLM), the one difference from what ships
+(``BASE_IMAGE``). Each check runs the image with the ``docker run`` options the README
+gives users (but ``--gpus all``: there is no GPU here), plus the settings that serve the
+tiny model on a CPU:
+
+- the build with a baked model (the token a BuildKit secret) and the RunPod Hub's
+  default build (no argument, no secret);
+- local test mode offline (``--network none``), and a bad ``--test_input``;
+- production mode against the local endpoint on the host (``--no-worker``): the seed's
+  flow, ``n=2``, a cancel, a bad input, an OpenAI-route chat;
+- ``docker stop`` while a job runs and while the engine is still starting;
+- the token nowhere in the image; a rebuild after an edit in ``src/`` reuses the model.
+
+Not checked here (no GPU, no registry): the CUDA build, a GPU, RunPod's own builder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from fake_hub import FakeHub
+from image_support import (
+    FIGURES,
+    REPO_ID,
+    TINY_SETTINGS,
+    TOKEN,
+    BuiltImage,
+    Docker,
+    env_options,
+    readme_run_options,
+)
+
+JOB_TIMEOUT_S = 180.0
+START_TIMEOUT_S = 300.0
+SEED_INPUT = json.loads((Path(__file__).parents[2] / "test_input.json").read_text())["input"]
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+# --- the builds -------------------------------------------------------------------------------
+
+
+def test_the_readme_tells_users_to_give_vllm_its_shared_memory() -> None:
+    # Docker's default 64 MB /dev/shm is too small for vLLM's engine processes.
+    assert "--ipc=host" in readme_run_options()
+
+
+def test_the_baked_image_holds_the_model_and_nothing_of_the_build(
+    docker: Docker, baked_image: BuiltImage
+) -> None:
+    def shell(command: str) -> str:
+        return str(
+            docker(
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--entrypoint",
+                "bash",
+                baked_image.tag,
+                "-c",
+                command,
+            ).stdout
+        )
+
+    manifest = json.loads(shell("cat /models/manifest.json"))
+    assert manifest["model_name"] == REPO_ID
+    assert manifest["files"]
+    assert shell("ls -A /app").split() == ["src", "test_input.json"]  # no builder/, requirements/
+    assert shell("ls -A /app/src").split() == ["handler.py"]
+    assert shell('echo "$HF_HUB_OFFLINE $MODEL_NAME"').strip() == f"1 {REPO_ID}"
+    layers = docker("history", "--format", "{{.Size}}\t{{.CreatedBy}}", baked_image.tag).stdout
+    sizes = [line.split("\t", 1) for line in layers.splitlines()]
+    FIGURES.values["image layers (size, step)"] = "; ".join(
+        f"{size} {step[:60]}" for size, step in sizes if size not in {"0B"}
+    )[:1500]
+    FIGURES.values["image size"] = docker(
+        "image", "inspect", "-f", "{{.Size}}", baked_image.tag
+    ).stdout.strip()
+
+
+def test_the_hub_default_build_needs_no_argument_and_no_secret(
+    docker: Docker, hub_default_image: BuiltImage
+) -> None:
+    shown = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "bash",
+        hub_default_image.tag,
+        "-c",
+        "test -e /models/manifest.json && echo baked || echo unbaked; echo $HF_HUB_OFFLINE",
+    ).stdout.split()
+    assert shown == ["unbaked", "0"]
+    assert "BAKE_MODEL=0: the worker downloads" in hub_default_image.log
+
+
+# --- local test mode ----------------------------------------------------------------------------
+
+
+def test_local_test_mode_runs_test_input_json_offline(
+    docker: Docker, baked_image: BuiltImage
+) -> None:
+    started = time.monotonic()
+    result = docker(
+        "run",
+        *readme_run_options(),
+        "--network",
+        "none",
+        *env_options(TINY_SETTINGS),
+        baked_image.tag,
+        timeout=600,
+        check=False,
+    )
+    FIGURES.values["local test mode, docker run to exit"] = f"{time.monotonic() - started:.0f} s"
+    assert result.returncode == 0, result.stderr[-3000:]
+    chunks = [line for line in result.stdout.splitlines() if line.startswith("chunk ")]
+    assert len(chunks) >= 2
+    assert any(line.startswith("Job result: ") for line in result.stdout.splitlines())
+    assert f"model: {REPO_ID} at " in result.stderr  # the baked model, found offline
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+def test_a_bad_test_input_exits_1_with_its_one_line_error(
+    docker: Docker, baked_image: BuiltImage
+) -> None:
+    result = docker(
+        "run",
+        *readme_run_options(),
+        "--network",
+        "none",
+        *env_options(TINY_SETTINGS),
+        baked_image.tag,
+        "--test_input",
+        '{"input": {"prompt": "x", "sampling_params": {"top_p": 7}}}',
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Job failed: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith("Job failed: invalid_input: sampling_params.top_p")
+    assert "starting the engine" not in result.stderr  # refused before the model loads
+
+
+# --- production mode, against the local endpoint on the host --------------------------------
+
+
+@dataclass
+class Endpoint:
+    proc: subprocess.Popen[bytes]
+    url: str
+    worker_env: dict[str, str]
+    log_path: Path
+
+    def get(self, path: str) -> Any:
+        return requests.get(f"{self.url}{path}", timeout=30).json()
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return requests.post(f"{self.url}{path}", json=body, timeout=30).json()
+
+    def submit(self, job_input: dict[str, Any]) -> str:
+        return str(self.post("/run", {"input": job_input})["id"])
+
+    def until(self, job_id: str, states: set[str], timeout_s: float = JOB_TIMEOUT_S) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while (body := self.get(f"/status/{job_id}"))["status"] not in states:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+        return body
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    """``python -m vllm_worker.local_endpoint --no-worker`` on the host's loopback."""
+    log_path = tmp_path_factory.mktemp("endpoint") / "endpoint.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_worker.local_endpoint", "--no-worker", "--port", "0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "export RUNPOD_SKIP_GPU_CHECK" not in (text := log_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, text
+            time.sleep(0.1)
+        url = re.search(r"listening on (http://\S+/v2/local)", text)
+        assert url is not None, text
+        exports = dict(re.findall(r"export (\w+)='([^']*)'", text))
+        yield Endpoint(proc, url.group(1), exports, log_path)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+class Container:
+    """A detached container (``--rm``, as the README runs it: gone once it exits), its
+    output followed into a file and its exit code awaited from the start."""
+
+    def __init__(self, docker: Docker, name: str, log_path: Path) -> None:
+        self.docker, self.name, self.log_path = docker, name, log_path
+        with log_path.open("wb") as log:
+            self._follow = subprocess.Popen(
+                [docker.cli, "logs", "-f", name], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait = subprocess.Popen([docker.cli, "wait", name], stdout=subprocess.PIPE, text=True)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self._wait.poll() is None
+
+    def exit_code(self, timeout_s: float = 60) -> int:
+        output, _ = self._wait.communicate(timeout=timeout_s)
+        self._follow.wait(30)
+        return int(output.strip())
+
+    def remove(self) -> None:
+        self.docker("rm", "-f", self.name, check=False)
+        for proc in (self._follow, self._wait):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def start_worker(
+    docker: Docker, image: str, endpoint: Endpoint, name: str, **settings: str
+) -> Container:
+    """The image in production mode, attached to the endpoint as the README says."""
+    docker("rm", "-f", name, check=False)
+    env = {**TINY_SETTINGS, **endpoint.worker_env, "RUNPOD_POD_ID": name, **settings}
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *readme_run_options(),
+        "--network",
+        "host",
+        *env_options(env),
+        image,
+    )
+    return Container(docker, name, endpoint.log_path.with_name(f"{name}.log"))
+
+
+def until_serving(endpoint: Endpoint, container: Container) -> float:
+    started = time.monotonic()
+    while True:
+        workers = endpoint.get("/health")["workers"]
+        if workers["idle"] + workers["running"] >= 1:
+            return time.monotonic() - started
+        assert container.running(), container.logs()[-3000:]
+        assert time.monotonic() - started < START_TIMEOUT_S, container.logs()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def worker(docker: Docker, baked_image: BuiltImage, endpoint: Endpoint) -> Iterator[Container]:
+    container = start_worker(docker, baked_image.tag, endpoint, "vllm-worker-check")
+    try:
+        FIGURES.values["production mode, docker run to the first job-take"] = (
+            f"{until_serving(endpoint, container):.1f} s"
+        )
+        yield container
+    except BaseException:
+        print(container.logs()[-5000:])
+        raise
+    finally:
+        container.remove()
+
+
+def stream_until_done(endpoint: Endpoint, job_id: str) -> list[Any]:
+    """The seed's client: GET /stream until COMPLETED; every chunk it got."""
+    chunks: list[Any] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        polled = endpoint.get(f"/stream/{job_id}")
+        chunks += [item["output"] for item in polled["stream"]]
+        if polled["status"] in FINAL:
+            assert polled["status"] == "COMPLETED", polled
+            return chunks
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_production_the_seeds_flow(endpoint: Endpoint, worker: Container) -> None:
+    job_input = {
+        **SEED_INPUT,
+        "sampling_params": {**SEED_INPUT["sampling_params"], "ignore_eos": True},
+    }
+    job_id = endpoint.submit(job_input)
+    chunks = stream_until_done(endpoint, job_id)
+    texts = [chunk["text"][0] for chunk in chunks]
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+    assert texts[0].startswith(SEED_INPUT["prompt"])  # cumulative, the prompt echoed
+    final = chunks[-1]
+    assert final["finish_reason"] == ["length"]
+    assert final["usage"]["completion_tokens"] == SEED_INPUT["sampling_params"]["max_tokens"]
+    assert endpoint.get(f"/status/{job_id}")["output"][-1] == final
+
+
+def test_production_n_2(endpoint: Endpoint, worker: Container) -> None:
+    job_id = endpoint.submit(
+        {"prompt": "Two tales:", "sampling_params": {"n": 2, "max_tokens": 16, "ignore_eos": True}}
+    )
+    final = endpoint.until(job_id, FINAL)["output"][-1]
+    assert len(final["text"]) == 2 and final["usage"]["completion_tokens"] == 32
+
+
+def test_production_a_cancel_ends_cancelled(endpoint: Endpoint, worker: Container) -> None:
+    job_id = endpoint.submit(
+        {"prompt": "Long:", "sampling_params": {"n": 4, "max_tokens": 2000, "ignore_eos": True}}
+    )
+    endpoint.until(job_id, {"IN_PROGRESS"})  # the worker took it: it runs
+    assert endpoint.post(f"/cancel/{job_id}")["status"] == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while not re.search(rf"request {job_id}-\w+ aborted after \d+ tokens", worker.logs()):
+        assert time.monotonic() < deadline, worker.logs()[-2000:]
+        time.sleep(0.2)
+
+
+def test_production_a_bad_input_ends_failed_with_one_line(
+    endpoint: Endpoint, worker: Container
+) -> None:
+    job_id = endpoint.submit({"prompt": "x", "sampling_params": {"temperature": 9}})
+    body = endpoint.until(job_id, FINAL)
+    assert body["status"] == "FAILED"
+    assert body["error"].startswith("invalid_input: sampling_params.temperature")
+    assert "\n" not in body["error"]
+
+
+def test_production_an_openai_chat(endpoint: Endpoint, worker: Container) -> None:
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"{endpoint.url}/openai/v1", api_key="none", max_retries=0, timeout=JOB_TIMEOUT_S
+    )
+    response = client.chat.completions.create(
+        model=REPO_ID,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    assert response.usage is not None and response.usage.completion_tokens == 8
+    assert response.model == REPO_ID
+
+
+def test_docker_stop_lets_the_running_job_end_within_the_grace_period(
+    docker: Docker, endpoint: Endpoint, worker: Container
+) -> None:
+    """Runs last of the module's worker: it stops it."""
+    job_id = endpoint.submit(
+        {"prompt": "Long:", "sampling_params": {"n": 8, "max_tokens": 2000, "ignore_eos": True}}
+    )
+    endpoint.until(job_id, {"IN_PROGRESS"})  # the worker took it: it runs
+    started = time.monotonic()
+    docker("stop", worker.name, timeout=60)  # SIGTERM, SIGKILL after Docker's 10 s
+    stopped_s = time.monotonic() - started
+    body = endpoint.until(job_id, FINAL, timeout_s=30)
+    logs = worker.logs()
+    code = worker.exit_code()
+    assert code == 0, f"exit code {code} after {stopped_s:.1f} s: " + logs[-3000:]  # 137: SIGKILLed
+    # No job lost: it ended, finished or failed as the README says, and was posted.
+    if body["status"] == "FAILED":
+        assert "SHUTDOWN_GRACE_SECONDS" in body["error"], body
+    else:
+        assert body["status"] == "COMPLETED", body
+    assert "stop signal: taking no more jobs; 1 in flight" in logs
+    FIGURES.values["docker stop with a job running"] = (
+        f"{body['status']}, exited after {stopped_s:.1f} s"
+    )
+
+
+def test_docker_stop_while_the_engine_starts_exits_at_once(
+    docker: Docker, baked_image: BuiltImage, endpoint: Endpoint
+) -> None:
+    container = start_worker(docker, baked_image.tag, endpoint, "vllm-worker-check-start")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "starting the engine" not in container.logs():
+            assert container.running() and time.monotonic() < deadline, container.logs()[-2000:]
+            time.sleep(0.1)
+        started = time.monotonic()
+        docker("stop", container.name, timeout=60)
+        stopped_s = time.monotonic() - started
+        logs = container.logs()
+        assert container.exit_code() == 0, logs[-3000:]
+        assert stopped_s < 8.0, f"{stopped_s:.1f} s: not stopped by its own SIGTERM handling"
+        assert "while the engine starts: stopping" in logs
+        FIGURES.values["docker stop during the engine's start"] = f"exited after {stopped_s:.1f} s"
+    finally:
+        container.remove()
+
+
+# --- secrets and cache ---------------------------------------------------------------------------
+
+
+def test_the_token_is_nowhere_in_the_image(
+    docker: Docker, baked_image: BuiltImage, tiny_hub: FakeHub
+) -> None:
+    # The build did use it: the gated repo answered only to it.
+    assert any(r.authorization == f"Bearer {TOKEN}" for r in tiny_hub.requests)
+    assert TOKEN not in docker("history", "--no-trunc", baked_image.tag).stdout
+    assert TOKEN not in docker("image", "inspect", baked_image.tag).stdout
+    assert TOKEN not in baked_image.log
+    saved = subprocess.Popen([docker.cli, "save", baked_image.tag], stdout=subprocess.PIPE)
+    assert saved.stdout is not None
+    found = _stream_contains(saved.stdout, TOKEN.encode())
+    saved.stdout.close()
+    saved.wait(600)
+    assert not found, "the token is in a file of `docker save`"
+
+
+def _stream_contains(stream: Any, needle: bytes, block: int = 1 << 20) -> bool:
+    """Whether ``needle`` occurs anywhere in the stream (every layer's every file)."""
+    tail = b""
+    while chunk := stream.read(block):
+        if needle in tail + chunk:
+            return True
+        tail = chunk[-len(needle) :]
+    return False
+
+
+def test_a_rebuild_after_an_edit_in_src_reuses_the_baked_model(
+    docker: Docker, baked_image: BuiltImage, tiny_hub: FakeHub
+) -> None:
+    edited = baked_image.context / "src" / "vllm_worker" / "__init__.py"
+    edited.write_text(edited.read_text() + "# an edit\n")
+    requests_before = len(tiny_hub.requests)
+    log, seconds = docker.build(
+        baked_image.context,
+        baked_image.tag + "-edited",
+        build_args=baked_image.build_args,
+        secrets=baked_image.secrets,
+    )
+    assert len(tiny_hub.requests) == requests_before, "the builder ran again"
+    download = re.search(r"^(#\d+) \[[^\]]+\] RUN --mount=type=secret", log, re.M)
+    assert download is not None, log[-3000:]
+    assert f"{download.group(1)} CACHED" in log
+    assert re.search(r"COPY src/ src/", log)  # and the package was rebuilt
+    FIGURES.values["rebuild after an edit in src/"] = f"{seconds:.0f} s, the model layer cached"
