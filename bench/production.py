@@ -7,8 +7,8 @@ Usage (from the repository root)::
 
 Both sides run the same engine settings, one after the other, in one run:
 
-- **raw**: ``Engine.start`` in this process and ``async_llm.generate`` called directly;
-  times from the call to the first output.
+- **raw**: ``Engine.start`` in this process and ``engine.client.generate`` (vLLM's
+  AsyncLLM) called directly; times from the call to the first output.
 - **worker**: ``python -u src/handler.py`` in production mode (the runpod SDK's job loop,
   this worker's ``job_loop``), attached to a loopback stand-in of RunPod's job API (the
   local endpoint's worker side, in a thread of this process), whose job-take long poll
@@ -124,7 +124,7 @@ async def _raw_cells(engine: Any, plan: Plan) -> dict[str, Any]:
     async def job(prompt: str, request_id: str) -> tuple[float, float, int]:
         ids = TokensPrompt(prompt_token_ids=engine.tokenize(prompt))
         started, first, tokens = time.perf_counter(), None, 0
-        async for output in engine.async_llm.generate(ids, params, request_id):
+        async for output in engine.client.generate(ids, params, request_id):
             first = first or time.perf_counter()
             tokens += len(output.outputs[0].token_ids)
         assert first is not None

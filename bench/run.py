@@ -11,7 +11,7 @@ concurrency C, C clients each run jobs back to back (at least ``--min-jobs`` job
 all with the same prompts and sampling settings (``ignore_eos``, so every job generates
 exactly ``--max-tokens`` tokens), in these modes:
 
-- ``raw``: ``engine.async_llm.generate(TokensPrompt, SamplingParams(output_kind=DELTA))``,
+- ``raw``: ``engine.client.generate(TokensPrompt, SamplingParams(output_kind=DELTA))``,
   consumed directly: what vLLM gives a caller that does nothing with its outputs.
 - ``handler-<stream_mode>``: the worker's handler (``make_handler``), called as the runpod
   SDK calls it: per job, iterate the async generator and, for every chunk, do the SDK's
@@ -68,8 +68,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm_worker.engine import Engine
+    from vllm_worker.engine_types import Handler
     from vllm_worker.settings import Settings
-    from vllm_worker.worker import Handler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results"
@@ -209,7 +209,7 @@ async def raw_job(bench: Bench, index: int, max_tokens: int, tag: str) -> JobTra
     )
     prompt = TokensPrompt(prompt_token_ids=bench.prompt_token_ids[index])
     trace = JobTrace(started=time.perf_counter())
-    async for output in bench.engine.async_llm.generate(prompt, params, f"{tag}-{index}"):
+    async for output in bench.engine.client.generate(prompt, params, f"{tag}-{index}"):
         trace.chunk_times.append(time.perf_counter())
         completion = output.outputs[0]
         trace.tokens += len(completion.token_ids)

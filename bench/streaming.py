@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_worker.engine_types import EngineUpdate, SequenceDelta
+from vllm_worker.schema import StreamMode
 from vllm_worker.settings import Settings
-from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream, StreamMode
+from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream
 
 # About 4.3 bytes of English text per Llama 2 token.
 TOKEN_TEXT = " tok"

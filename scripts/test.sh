@@ -12,6 +12,7 @@ export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
 .venv/bin/ruff check src tests builder bench
 .venv/bin/ruff format --check src tests builder bench
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache  # the import contracts in pyproject.toml
 .venv/bin/python -m pytest "$@"
 selection=0
 for argument in "$@"; do

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from vllm_worker.chat import RenderedChat, choose_chat_template, render_chat
+from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
-from vllm_worker.worker import Handler, make_handler
+from vllm_worker.worker import make_handler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +53,10 @@ async def until_no_request(engine: Any) -> int:
     """Let the event loop turn until vLLM holds no request (a deadline of 10 s, not a
     wait: it returns as soon as there is none); how many it holds."""
     for _ in range(1000):
-        if engine.async_llm.get_num_unfinished_requests() == 0:
+        if engine.client.get_num_unfinished_requests() == 0:
             break
         await asyncio.sleep(0.01)
-    return int(engine.async_llm.get_num_unfinished_requests())
+    return int(engine.client.get_num_unfinished_requests())
 
 
 def group_members(pgid: int) -> list[str]:

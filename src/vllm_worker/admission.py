@@ -9,21 +9,11 @@ than ``MAX_NUM_SEQS`` run, and the KV cache is not nearly full.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vllm_worker.engine_types import EngineLoad
 
 # KV-cache use (0-1) from which the engine counts as full: running requests grow their
 # cache as they generate, and past this point vLLM soon preempts or queues new ones.
 KV_CACHE_FULL = 0.9
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """The engine scheduler's state after its latest step (vLLM's ``SchedulerStats``)."""
-
-    running: int  # requests being generated
-    waiting: int  # requests in the scheduler's queue (no room for them yet)
-    kv_cache_usage: float  # fraction of the KV cache in use, 0-1
-    max_running: int  # the most requests it runs at once (MAX_NUM_SEQS)
 
 
 def engine_is_full(load: EngineLoad) -> bool:

@@ -1,6 +1,7 @@
 """Everything that talks to vLLM's engine: start it, submit a request, stream its outputs.
 
-This module (and ``engine_args``) are the only ones that import vLLM.
+This module, ``engine_args`` and ``openai_routes`` (vLLM's own OpenAI serving classes) are
+the only ones that import vLLM: an import-linter contract in pyproject.toml checks it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from vllm_worker.admission import EngineLoad
 from vllm_worker.engine_args import build_engine_args
-from vllm_worker.engine_types import EngineUpdate, GenerationRequest, SequenceDelta, TokenLogprob
-from vllm_worker.errors import EngineError, InvalidInputError
-from vllm_worker.lifecycle import ENGINE_DEAD_MESSAGE
+from vllm_worker.engine_types import (
+    EngineLoad,
+    EngineUpdate,
+    GenerationRequest,
+    SequenceDelta,
+    TokenLogprob,
+)
+from vllm_worker.errors import ENGINE_DEAD_MESSAGE, EngineError, InvalidInputError
 from vllm_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,8 +45,10 @@ class Engine:
     def __init__(
         self, engine: Any, tokenizer: Any, max_model_len: int, load: _LoadRecorder | None = None
     ) -> None:
-        # The vLLM engine itself, for benchmarks and tests that compare against it.
-        self.async_llm = engine
+        # vLLM's engine (its EngineClient): what vLLM's own serving classes take (the
+        # OpenAI routes), and what tests and benchmarks compare the worker against. None
+        # once shut down.
+        self.client = engine
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._load = load
@@ -71,7 +78,7 @@ class Engine:
     def is_dead(self) -> bool:
         """True once the engine cannot serve any more (its core process died, its output
         loop failed, or it was shut down): only a new process can serve again."""
-        return self.async_llm is None or bool(self.async_llm.errored)
+        return self.client is None or bool(self.client.errored)
 
     @property
     def tokenizer(self) -> Any:
@@ -100,7 +107,7 @@ class Engine:
             with self._aborted_if_abandoned(progress):
                 # Inside the try: SamplingParams checks some values itself as it is built.
                 params = _to_vllm_params(request)
-                outputs = self.async_llm.generate(prompt, params, request.request_id)
+                outputs = self.client.generate(prompt, params, request.request_id)
                 async for output in outputs:
                     for completion in output.outputs:
                         held.setdefault(completion.index, []).append(completion)
@@ -153,22 +160,22 @@ class Engine:
                 caller.remove_done_callback(abort_if_abandoned)
 
     async def _abort(self, progress: _Progress) -> None:
-        if self.async_llm is not None and not self.is_dead():
-            await self.async_llm.abort(progress.request_id)
+        if self.client is not None and not self.is_dead():
+            await self.client.abort(progress.request_id)
             progress.log_abort(" (its job's task ended)")
 
     def shutdown(self) -> None:
         """Stop the engine's processes (they would outlive a killed parent); those that do
         not stop within ``ENGINE_STOP_TIMEOUT_S`` are killed: the worker is exiting."""
-        if self.async_llm is None:
+        if self.client is None:
             return
         try:
-            self.async_llm.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
+            self.client.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
         except Exception:  # a dead engine's: its processes are gone or going anyway
             log.warning("stopping the engine failed", exc_info=True)
         # Drop the engine now: its __del__ shuts down again, which fails noisily when
         # it only runs at interpreter exit.
-        self.async_llm = None
+        self.client = None
 
 
 @dataclass

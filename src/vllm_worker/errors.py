@@ -12,6 +12,11 @@ import logging
 
 log = logging.getLogger(__name__)
 
+# What every job gets once the engine died: the worker exits (lifecycle.py), and the
+# platform replaces it.
+ENGINE_DEAD_MESSAGE = (
+    "the engine stopped (its process died); this worker exits and is replaced: retry the job"
+)
 INTERNAL_ERROR_MESSAGE = "Internal error in the worker; the details are in the worker log."
 
 

@@ -44,8 +44,9 @@ from runpod.serverless.modules import rp_job
 from runpod.serverless.modules.rp_scale import JobScaler
 from runpod.serverless.modules.worker_state import JobsProgress
 
-from vllm_worker.admission import EngineLoad, allowed_concurrency, engine_is_full
-from vllm_worker.lifecycle import Handler, Lifecycle
+from vllm_worker.admission import allowed_concurrency, engine_is_full
+from vllm_worker.engine_types import EngineLoad, Handler
+from vllm_worker.lifecycle import Lifecycle
 from vllm_worker.settings import Settings
 
 if TYPE_CHECKING:

@@ -22,16 +22,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_worker.errors import EngineError, WorkerError, job_error, openai_job_error
+from vllm_worker.engine_types import Handler
+from vllm_worker.errors import (
+    ENGINE_DEAD_MESSAGE,
+    EngineError,
+    WorkerError,
+    job_error,
+    openai_job_error,
+)
 from vllm_worker.openai_input import is_openai_job
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
-
-ENGINE_DEAD_MESSAGE = (
-    "the engine stopped (its process died); this worker exits and is replaced: retry the job"
-)
 ENGINE_WATCH_INTERVAL_S = 0.5
 
 

@@ -68,7 +68,7 @@ class OpenAIRoutes:
         """The routes on ``engine``, once, at start-up, rendering conversations with
         ``chat_template`` (the one ``messages`` jobs use). Nothing here needs an event loop
         (the SDK runs the jobs in its own)."""
-        llm = engine.async_llm
+        llm = engine.client  # vLLM's EngineClient, which its serving classes take
         name = served_model_name(settings)
         # model_path is only shown as the model's "root": the public name, never a path.
         # No LoRA modules, so there are no static LoRAs to load (init_static_loras).

@@ -30,6 +30,9 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vllm_worker.errors import InvalidInputError
 
+# How a job's chunks carry text (streaming.ChunkBuilder): all of it so far, or what is new.
+StreamMode = Literal["cumulative", "delta"]
+
 MAX_STOP_SEQUENCES = 16
 MAX_SEED = 2**63 - 1
 # Ints cross to the engine core as MessagePack; a larger one fails there, not here.
@@ -139,7 +142,7 @@ class JobInput(_Strict):
     echo: bool = Field(
         True, description="Start each text with the prompt (default for a prompt, not messages)."
     )
-    stream_mode: Literal["cumulative", "delta"] = Field(
+    stream_mode: StreamMode = Field(
         "cumulative",
         description="cumulative: each chunk holds all text so far; delta: only the new text.",
     )

@@ -21,7 +21,10 @@ from pydantic import (
 )
 
 from vllm_worker.errors import SettingsError
-from vllm_worker.streaming import RUNPOD_MAX_RESULT_BYTES
+
+# RunPod refuses a /run job's result over 10 MB; a streaming job's result is all its
+# chunks (docs.runpod.io, serverless/endpoints/operation-reference).
+RUNPOD_MAX_RESULT_BYTES = 10_000_000
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]

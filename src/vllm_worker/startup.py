@@ -26,13 +26,13 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from vllm_worker.chat import choose_chat_template, log_chat_template
+from vllm_worker.engine_types import Handler
 from vllm_worker.errors import EngineStartError, SettingsError
 from vllm_worker.settings import Settings
 
 if TYPE_CHECKING:  # importing the engine imports vLLM: only once serving starts
     from vllm_worker.engine import Engine
     from vllm_worker.openai_routes import OpenAIRoutes
-    from vllm_worker.worker import Handler
 
 log = logging.getLogger(__name__)
 

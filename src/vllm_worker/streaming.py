@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from vllm_worker.engine_types import EngineUpdate, TokenLogprob
+from vllm_worker.schema import StreamMode
 
 if TYPE_CHECKING:
     from vllm_worker.settings import Settings
 
-StreamMode = Literal["cumulative", "delta"]
 Chunk = dict[str, Any]
 
 
@@ -149,11 +149,9 @@ class JobStream:
         return self.builder.chunk()
 
 
-# RunPod's limits (docs.runpod.io, serverless/endpoints/operation-reference): a streamed
-# chunk of at most 1 MB, and a /run job's result of at most 10 MB, where the result of a
-# streaming job is the list of all its chunks (``return_aggregate_stream``).
+# RunPod's limit on one streamed chunk (docs.runpod.io, serverless/endpoints/
+# operation-reference); its limit on a job's result is settings.RUNPOD_MAX_RESULT_BYTES.
 RUNPOD_MAX_CHUNK_BYTES = 1_000_000
-RUNPOD_MAX_RESULT_BYTES = 10_000_000
 
 
 class EmissionClock:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm_worker.chat import render_chat
-from vllm_worker.engine_types import GenerationRequest
+from vllm_worker.engine_types import GenerationRequest, Handler, ServingEngine
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
 from vllm_worker.openai_input import is_openai_job, parse_openai_job
@@ -22,14 +22,10 @@ from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream
 
-if TYPE_CHECKING:  # engine.py imports vLLM; this module must not need it at run time
-    from vllm_worker.engine import Engine
+if TYPE_CHECKING:  # openai_routes.py imports vLLM; this module must not need it
     from vllm_worker.openai_routes import OpenAIRoutes
 
 log = logging.getLogger(__name__)
-
-# Yields chunks; for an OpenAI route, response objects or server-sent-event text.
-Handler = Callable[[dict[str, Any]], AsyncIterator[Any]]
 
 
 @dataclass
@@ -39,7 +35,7 @@ class _JobStats:
 
 
 def make_handler(
-    engine: Engine,
+    engine: ServingEngine,
     settings: Settings,
     chat_template: str | None,
     openai_routes: OpenAIRoutes | None = None,
@@ -93,7 +89,7 @@ async def _serve_openai(
 
 
 async def _run(
-    engine: Engine,
+    engine: ServingEngine,
     settings: Settings,
     chat_template: str | None,
     job_id: str,

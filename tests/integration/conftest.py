@@ -16,8 +16,8 @@ import pytest
 
 from helpers import TINY_ENGINE_ENV, handler_for
 from vllm_worker.engine import Engine
+from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
-from vllm_worker.worker import Handler
 
 T = TypeVar("T")
 

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from bad_inputs import MARKER, PROMPT, VOCAB_SIZE, check_input_error, fuzz, malformed_input
 from helpers import TINY_ENGINE_ENV, collect
 from vllm_worker.engine import Engine
+from vllm_worker.engine_types import Handler
 from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
 from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
 from vllm_worker.settings import Settings
 from vllm_worker.startup import build
-from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -43,14 +43,14 @@ def assert_one_line_input_error(chunks: list[Any], raw: Any) -> str:
 def assert_engine_serves(run: Run, handler: Handler, engine: Engine) -> None:
     final = run(collect(handler, {"prompt": PROMPT, "sampling_params": {"max_tokens": 5}}))[-1]
     assert final["usage"]["completion_tokens"] >= 1, final
-    assert not engine.async_llm.errored
-    assert engine.async_llm.get_num_unfinished_requests() == 0
+    assert not engine.client.errored
+    assert engine.client.get_num_unfinished_requests() == 0
 
 
 def test_fuzzed_malformed_inputs_each_fail_alone_in_one_line(
     run: Run, handler: Handler, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert engine.async_llm.model_config.get_vocab_size() == VOCAB_SIZE
+    assert engine.client.model_config.get_vocab_size() == VOCAB_SIZE
     kinds: Counter[str] = Counter()
     tried: set[str] = set()
 

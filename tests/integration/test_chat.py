@@ -23,10 +23,10 @@ from helpers import (
 )
 from vllm_worker.chat import choose_chat_template
 from vllm_worker.engine import Engine
+from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
 from vllm_worker.tiny_model import HUB_LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
-from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -52,7 +52,7 @@ def raw_engine_text(run: Run, engine: Engine, prompt_token_ids: list[int]) -> st
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
-        async for output in engine.async_llm.generate(prompt, params, "raw-chat"):
+        async for output in engine.client.generate(prompt, params, "raw-chat"):
             final = output
         return str(final.outputs[0].text)
 
@@ -102,7 +102,7 @@ def test_the_built_in_template_serves_a_llama2_chat_tokenizer_without_one(
     bare = build_tokenizer()  # bit-identical to the engine's, minus the chat template
     bare.chat_template = None  # type: ignore[attr-defined]
     llama2 = settings.model_copy(update={"model_name": "meta-llama/Llama-2-7b-chat-hf"})
-    handler = handler_for(Engine(engine.async_llm, bare, engine.max_model_len), llama2)
+    handler = handler_for(Engine(engine.client, bare, engine.max_model_len), llama2)
     messages = CONVERSATION[1:]  # without the system message this time
     final = run(collect(handler, {"messages": messages, "sampling_params": GREEDY}))[-1]
     reference = llama2_reference_ids(bare, messages)
@@ -115,7 +115,7 @@ def test_a_model_without_any_chat_template_fails_messages_jobs_clearly(
 ) -> None:
     bare = build_tokenizer()
     bare.chat_template = None  # type: ignore[attr-defined]
-    handler = handler_for(Engine(engine.async_llm, bare, engine.max_model_len), settings)
+    handler = handler_for(Engine(engine.client, bare, engine.max_model_len), settings)
     chunks = run(collect(handler, {"messages": CONVERSATION}))
     assert len(chunks) == 1
     error = chunks[0]["error"]
@@ -176,7 +176,7 @@ def test_vllms_chat_serving_renders_the_same_ids(
     template = choose_chat_template(llama2, tokenizer).template
     assert template is not None
     vllm_ids = safe_apply_chat_template(
-        engine.async_llm.model_config,
+        engine.client.model_config,
         tokenizer,
         [dict(message) for message in CONVERSATION],
         chat_template=template,

@@ -15,9 +15,9 @@ from vllm.sampling_params import RequestOutputKind
 
 from helpers import REPO_ROOT, collect, handler_for, until_no_request
 from vllm_worker.engine import Engine
+from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
-from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -92,7 +92,7 @@ def test_same_seed_same_text_and_equal_to_the_raw_engine(
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         prompt = TokensPrompt(prompt_token_ids=engine.tokenize(PROMPT))
-        async for output in engine.async_llm.generate(prompt, params, "raw-seed"):
+        async for output in engine.client.generate(prompt, params, "raw-seed"):
             final = output
         return str(final.outputs[0].text)
 
@@ -261,7 +261,7 @@ def test_cancelling_a_job_aborts_its_engine_request(
         task = asyncio.ensure_future(consume())
         while len(received) < 2:
             await asyncio.sleep(0.005)
-        assert engine.async_llm.get_num_unfinished_requests() == 1
+        assert engine.client.get_num_unfinished_requests() == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

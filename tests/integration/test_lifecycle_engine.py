@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from helpers import until_no_request
-from vllm_worker.admission import EngineLoad, allowed_concurrency
+from vllm_worker.admission import allowed_concurrency
 from vllm_worker.engine import Engine
+from vllm_worker.engine_types import EngineLoad, Handler
 from vllm_worker.streaming import Chunk
-from vllm_worker.worker import Handler
 
 pytestmark = pytest.mark.engine
 
@@ -48,7 +48,7 @@ def test_a_job_cancelled_while_its_chunk_is_posted_is_aborted_at_once(
     async def scenario() -> int:
         task = asyncio.ensure_future(sdk_job())
         await posting.wait()
-        assert engine.async_llm.get_num_unfinished_requests() == 1
+        assert engine.client.get_num_unfinished_requests() == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

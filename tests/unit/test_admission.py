@@ -2,7 +2,8 @@
 
 import pytest
 
-from vllm_worker.admission import KV_CACHE_FULL, EngineLoad, allowed_concurrency
+from vllm_worker.admission import KV_CACHE_FULL, allowed_concurrency
+from vllm_worker.engine_types import EngineLoad
 
 MAX = 64
 

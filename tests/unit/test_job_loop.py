@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import pytest
 from runpod.serverless.modules.worker_state import JobsProgress
 
-from vllm_worker.admission import EngineLoad
+from vllm_worker.engine_types import EngineLoad
 from vllm_worker.job_loop import EventDrivenScaler, _room_when_not_full
 from vllm_worker.lifecycle import Lifecycle
 

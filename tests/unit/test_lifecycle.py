@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from vllm_worker.lifecycle import ENGINE_DEAD_MESSAGE, Lifecycle, State
+from vllm_worker.errors import ENGINE_DEAD_MESSAGE
+from vllm_worker.lifecycle import Lifecycle, State
 
 
 class StandIn:

@@ -10,13 +10,13 @@ import pytest
 from bench.streaming import SimulatedStream, polls_with_new_text, simulate
 
 from vllm_worker.engine_types import EngineUpdate, SequenceDelta, TokenLogprob
+from vllm_worker.schema import StreamMode
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import (
     RUNPOD_MAX_CHUNK_BYTES,
     ChunkBuilder,
     EmissionClock,
     JobStream,
-    StreamMode,
 )
 
 
