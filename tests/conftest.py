@@ -13,6 +13,22 @@ from vllm_worker.tiny_model import build
 # The image checks build and run Docker images: only scripts/test_image.sh runs them.
 collect_ignore = [] if os.environ.get("VLLM_WORKER_IMAGE_CHECKS") else ["image"]
 
+LAYERS = ("unit", "integration", "e2e", "image")  # the folders under tests/, and markers
+# A test that asks for one of these runs the real vLLM engine (in process, or a worker).
+ENGINE_FIXTURES = {"engine", "worker_env", "tiny_model_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its layer (its folder) and ``engine`` when it uses the real
+    engine, so that no file marks itself: ``pytest -m unit``, ``-m "not engine"``."""
+    root = Path(__file__).parent
+    for item in items:
+        layer = item.path.relative_to(root).parts[0]
+        if layer in LAYERS:
+            item.add_marker(layer)
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("engine")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

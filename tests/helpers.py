@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from vllm_worker.chat import RenderedChat, choose_chat_template, render_chat
@@ -28,6 +30,17 @@ TINY_ENGINE_ENV = {
 }
 
 _job_numbers = itertools.count()
+
+
+def load_builder() -> ModuleType:
+    """builder/download_model.py as a module (in the image it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "download_model", REPO_ROOT / "builder" / "download_model.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def handler_for(engine: Any, settings: Settings) -> Handler:

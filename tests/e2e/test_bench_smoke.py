@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from helpers import REPO_ROOT
 
 BENCH_TIMEOUT_S = 600
@@ -33,7 +31,6 @@ def positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.engine
 def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--output", str(tmp_path)],

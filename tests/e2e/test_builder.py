@@ -10,14 +10,12 @@ The builder runs as a subprocess, as in the Dockerfile, with ``HF_ENDPOINT`` poi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -190,14 +188,6 @@ def assert_one_line_error(
     for fragment in fragments:
         assert fragment in line
     return line
-
-
-def load_builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("download_model", BUILDER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- what gets downloaded ------------------------------------------------------------------
@@ -409,63 +399,9 @@ def test_the_token_is_masked_when_an_error_message_echoes_it(hub: FakeHub, tmp_p
 # --- the selection rules, directly ---------------------------------------------------------
 
 
-def test_select_files_rules() -> None:
-    builder = load_builder()
-    files, weight_format = builder.select_files(
-        [
-            "config.json",
-            "model.safetensors",
-            "pytorch_model.bin",
-            "tokenizer.json",
-            "vocab.json",
-            "merges.txt",
-            "chat_template.json",
-            "sub/model.safetensors",
-        ]
-    )
-    assert weight_format == "safetensors"
-    # vocab.json/merges.txt are redundant beside a tokenizer.json.
-    assert files == ["chat_template.json", "config.json", "model.safetensors", "tokenizer.json"]
-
-    files, weight_format = builder.select_files(
-        ["config.json", "model.pt", "training_args.bin", "vocab.json", "merges.txt"]
-    )
-    assert weight_format == "pytorch"
-    assert files == ["config.json", "merges.txt", "model.pt", "vocab.json"]
-
-    files, _ = builder.select_files(
-        ["config.json", "a.safetensors", "b.safetensors", "consolidated.safetensors"],
-        weight_map={"x": "a.safetensors", "y": "b.safetensors"},
-    )
-    assert files == ["a.safetensors", "b.safetensors", "config.json"]
-
-    with pytest.raises(builder.BuildError, match=r"config\.json"):
-        builder.select_files(["model.safetensors"])
-
-
-def test_exact_patterns_match_only_their_file() -> None:
-    from fnmatch import fnmatch
-
-    builder = load_builder()
-    pattern = builder.as_exact_pattern("weird[1]*?.bin")
-    assert fnmatch("weird[1]*?.bin", pattern)
-    assert not fnmatch("weird1xx.bin", pattern)
-
-
-def test_the_redacting_stream_masks_every_occurrence() -> None:
-    import io
-
-    builder = load_builder()
-    sink = io.StringIO()
-    stream = builder.RedactingStream(sink, [TOKEN])
-    stream.write(f"a {TOKEN} b {TOKEN}\n")
-    assert sink.getvalue() == "a *** b ***\n"
-
-
 # --- end to end: baked snapshot -> worker, offline -----------------------------------------
 
 
-@pytest.mark.engine
 @pytest.mark.parametrize("pinned", [False, True], ids=["main", "pinned-commit"])
 def test_the_worker_serves_a_baked_model_offline_by_its_public_name(
     pinned: bool, tiny_model_dir: Path, worker_env: dict[str, str], tmp_path: Path

@@ -40,8 +40,6 @@ from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job
 from vllm_worker.local_endpoint.process import build_env
 
-pytestmark = pytest.mark.engine
-
 LONG_TOKENS = 1900  # the endpoint's worker has MAX_MODEL_LEN=2048
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # A chunk per engine step for 20 jobs floods the endpoint with posts on 2 shared cores, so

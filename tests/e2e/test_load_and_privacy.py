@@ -23,8 +23,6 @@ from hypothesis import given
 from bad_inputs import MARKER, PROMPT, check_input_error, fuzz, malformed_input
 from endpoint_process import EndpointProcess, health, start_endpoint, submit, wait_final
 
-pytestmark = pytest.mark.engine
-
 HF_TOKEN = "hf_c2PrivacyCheckTokenDoNotLog0123"
 API_KEY = "rpa_c2PrivacyCheckEndpointKey4567"  # what clients send to the endpoint
 LOAD_JOBS = 200

@@ -36,8 +36,6 @@ from endpoint_process import (
 from helpers import group_members
 from vllm_worker.client import DeltaTracker, EndpointClient, EndpointError
 
-pytestmark = pytest.mark.engine
-
 SEED_PROMPT = (
     "\nWrite me an essay about how the french revolution impacted the rest of europe over "
     "the 18th century. \n"

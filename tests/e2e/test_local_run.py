@@ -50,7 +50,6 @@ def job_result(stdout: str) -> dict[str, Any]:
     return dict(json.loads(line.removeprefix("Job result: ")))
 
 
-@pytest.mark.engine
 def test_test_input_argument_runs_the_job_and_prints_each_chunk(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -73,7 +72,6 @@ def test_test_input_argument_runs_the_job_and_prints_each_chunk(
     assert_clean_exit(result.stderr)
 
 
-@pytest.mark.engine
 def test_test_input_json_in_the_working_directory_is_run(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -89,7 +87,6 @@ def test_test_input_json_in_the_working_directory_is_run(
     assert_clean_exit(result.stderr)
 
 
-@pytest.mark.engine
 def test_a_job_the_engine_refuses_exits_non_zero(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -138,7 +135,6 @@ def test_invalid_setting_stops_start_up(worker_env: dict[str, str], tmp_path: Pa
     assert "GPU_MEMORY_UTILIZATION='2' is invalid: must be less than or equal to 1" in result.stderr
 
 
-@pytest.mark.engine
 def test_an_openai_route_input_runs_through_the_openai_routes(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -20,8 +20,6 @@ import requests
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint, submit, wait_final
 
-pytestmark = pytest.mark.engine
-
 API_KEY = "test-key"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You are terse."},

@@ -29,8 +29,6 @@ from production_worker import STOP_TIMEOUT_S, WorkerProcess
 from vllm_worker.local_endpoint import EndpointConfig, JobStore, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job, TakeRecord
 
-pytestmark = pytest.mark.engine
-
 REPO = Path(__file__).resolve().parents[2]
 SEED_INPUT = REPO / "test_input.json"
 

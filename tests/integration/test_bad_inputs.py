@@ -29,8 +29,6 @@ from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
 from vllm_worker.settings import Settings
 from vllm_worker.startup import build
 
-pytestmark = pytest.mark.engine
-
 Run = Callable[..., Any]
 
 

@@ -28,8 +28,6 @@ from vllm_worker.settings import Settings
 from vllm_worker.tiny_model import HUB_LLAMA2_CHAT_TEMPLATE as HUB_LLAMA2_TEMPLATE
 from vllm_worker.tiny_model import build_tokenizer
 
-pytestmark = pytest.mark.engine
-
 Run = Callable[..., Any]
 
 CONVERSATION = [

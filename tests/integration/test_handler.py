@@ -19,8 +19,6 @@ from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
 
-pytestmark = pytest.mark.engine
-
 Run = Callable[..., Any]
 SEED_INPUT = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
 PROMPT = "Hello there, please tell me a story about the sea."

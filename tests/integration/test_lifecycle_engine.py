@@ -15,8 +15,6 @@ from vllm_worker.engine import Engine
 from vllm_worker.engine_types import EngineLoad, Handler
 from vllm_worker.streaming import Chunk
 
-pytestmark = pytest.mark.engine
-
 Run = Callable[..., Any]
 
 
