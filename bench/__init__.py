@@ -1,1 +1,1 @@
-"""Benchmarks of the worker against the raw vLLM engine (``python -m bench.run``)."""
+"""Benchmarks of the worker against the raw vLLM engine: ``python -m bench`` (``__main__``)."""

@@ -10,8 +10,8 @@ It launches a fresh Python process that starts the worker the way production mod
 engine, the handler) and times each phase from the moment the process was launched. The
 worker's own share is its imports, reading the settings and building the handler; the rest
 is Python itself, the runpod SDK, vLLM and the engine. The tiny model is built (untimed)
-before the launch when no ``--model`` is given. ``bench/run.py`` runs this too and puts the
-result in its JSON.
+before the launch when no ``--model`` is given. ``python -m bench`` runs this too and puts
+the result in its JSON.
 """
 
 from __future__ import annotations

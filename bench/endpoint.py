@@ -1,6 +1,6 @@
 """The benchmark's endpoint mode: jobs through the local endpoint, over HTTP, as a client sees them.
 
-``bench/run.py`` calls this after its in-process engine has stopped. It starts
+``python -m bench --endpoint`` runs this after its in-process engine has stopped. It starts
 ``python -m vllm_worker.local_endpoint`` (which runs ``src/handler.py`` in RunPod's
 production mode: the runpod SDK's job loop, its HTTP posts per chunk, the worker's default
 coalescing) and plays RunPod clients against it: ``POST /run``, then ``GET /stream/<id>``
@@ -11,32 +11,26 @@ carries one, counted from just before ``POST /run``. Bytes on the wire are the H
 of the job's requests and replies (``/run`` and every poll, empty ones included; headers
 not counted), the count of requests beside them.
 
-Loaded by path from ``bench/run.py`` (which also runs as a script), so it imports nothing
-from it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bench.common import job_prompts, progress, sampling_params_input
+from bench.inprocess import JobTrace, Plan, best_of, row_of, summarize, versus
 from vllm_worker.client import RUNNING, DeltaTracker
+from vllm_worker.local_endpoint.harness import running_endpoint
 
-START_TIMEOUT_S = 600.0  # until the worker polls for jobs (the engine starts: 20-60 s here)
-STOP_TIMEOUT_S = 150.0  # the endpoint gives its worker 60 s (below), then kills it
 JOB_TIMEOUT_S = 600.0
 
 
@@ -51,95 +45,6 @@ class EndpointTrace:
     wire_bytes: int = 0
     requests: int = 0
     final_text_bytes: int = 0
-
-
-@dataclass
-class RunningEndpoint:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-    worker_pid: int = 0
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while not (match := re.search(pattern, self.log())):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the local endpoint exited: {self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {pattern!r} in {self.log_path} after {timeout_s} s")
-            time.sleep(0.2)
-        return match
-
-
-def endpoint_env(worker_env: Mapping[str, str]) -> dict[str, str]:
-    """This environment minus RunPod's own variables, plus the worker's settings."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPOD_")}
-    env.update(worker_env)
-    # The SDK's start-up checks connect to 8.8.8.8 and need a GPU: loopback only here.
-    env.update({"RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true"})
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-@contextlib.contextmanager
-def running_endpoint(worker_env: Mapping[str, str], log_path: Path) -> Iterator[str]:
-    """Start the local endpoint and its worker; yield its URL once the worker polls."""
-    command = [
-        sys.executable,
-        "-m",
-        "vllm_worker.local_endpoint",
-        "--port",
-        "0",
-        "--worker-stop-timeout",
-        "60",
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            env=endpoint_env(worker_env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    endpoint = RunningEndpoint(proc, log_path)
-    try:
-        endpoint.url = endpoint.wait_for_log(r"listening on (http://127\.0\.0\.1:\d+/\S+)\n", 60)[1]
-        pid = endpoint.wait_for_log(r"worker \S+ started \(pid (\d+)\)", 60)
-        endpoint.worker_pid = int(pid[1])
-        asyncio.run(_wait_for_worker(endpoint))
-        yield endpoint.url
-    finally:
-        _stop(endpoint)
-
-
-async def _wait_for_worker(endpoint: RunningEndpoint) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    async with aiohttp.ClientSession() as session:
-        while True:
-            async with session.get(f"{endpoint.url}/health") as reply:
-                workers = (await reply.json())["workers"]
-            if workers["idle"] + workers["running"] >= 1:
-                return
-            if endpoint.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start: {endpoint.log()[-3000:]}")
-            await asyncio.sleep(0.5)
-
-
-def _stop(endpoint: RunningEndpoint) -> None:
-    """SIGTERM (the endpoint stops its worker), then kill what is left of both groups."""
-    if endpoint.proc.poll() is None:
-        endpoint.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            endpoint.proc.wait(STOP_TIMEOUT_S)
-    for group in (endpoint.proc.pid, endpoint.worker_pid):
-        if group:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
-    endpoint.proc.wait(10)
 
 
 async def run_job(
@@ -196,3 +101,84 @@ async def run_cell(
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return traces, time.perf_counter() - started
+
+
+ENDPOINT_STREAM_MODES = ("cumulative", "delta")
+
+
+async def run_endpoint_grid(
+    url: str, plan: Plan, prompts: Sequence[str], raw_rows: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The grid's concurrencies through the local endpoint, per stream mode, vs raw."""
+    poll_s = plan.poll_interval_ms / 1000
+
+    def job_inputs(jobs: int, max_tokens: int, stream_mode: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "prompt": prompts[index],
+                "sampling_params": sampling_params_input(max_tokens),
+                "stream_mode": stream_mode,
+            }
+            for index in range(jobs)
+        ]
+
+    top = max(plan.concurrency)
+    await run_cell(url, job_inputs(top, 8, "delta"), top, poll_s)  # warm-up
+    results = []
+    for concurrency in plan.concurrency:
+        raw = row_of(raw_rows, "raw", concurrency)
+        for stream_mode in ENDPOINT_STREAM_MODES:
+            runs = []
+            for repeat in range(plan.repeats):
+                inputs = job_inputs(plan.jobs(concurrency), plan.max_tokens, stream_mode)
+                cpu_started = time.process_time()
+                traces, wall_s = await run_cell(url, inputs, concurrency, poll_s)
+                cpu_s = time.process_time() - cpu_started
+                run = summarize([as_job_trace(trace) for trace in traces], wall_s, cpu_s)
+                for trace in traces:
+                    if trace.tokens != plan.max_tokens:
+                        raise RuntimeError(f"endpoint: a job generated {trace.tokens} tokens")
+                runs.append(run)
+                progress(
+                    f"  c={concurrency:<3} endpoint-{stream_mode:<19} run {repeat + 1}: "
+                    f"{run['tokens_per_s']:8.0f} tok/s, ttft p50 {run['ttft_ms']['p50']:7.1f} ms"
+                )
+            best = best_of(runs)
+            results.append(
+                {
+                    "mode": f"endpoint-{stream_mode}",
+                    "kind": "endpoint",
+                    "stream_mode": stream_mode,
+                    "clock": dataclasses.asdict(plan.default_clock),
+                    "poll_interval_ms": plan.poll_interval_ms,
+                    "concurrency": concurrency,
+                    **best,
+                    "vs_raw": versus(best, raw) if raw is not None else None,
+                    "runs": runs,
+                }
+            )
+    return results
+
+
+def as_job_trace(trace: Any) -> JobTrace:
+    """An ``endpoint.EndpointTrace`` as the in-process cells' trace (bytes: on the wire)."""
+    return JobTrace(
+        started=trace.started,
+        chunk_times=trace.arrivals,
+        tokens=trace.tokens,
+        stream_bytes=trace.wire_bytes,
+        final_text_bytes=trace.final_text_bytes,
+        chunks=trace.chunks,
+        requests=trace.requests,
+    )
+
+
+def run_endpoint(
+    plan: Plan, worker_env: dict[str, str], results: Sequence[dict[str, Any]], log_path: Path
+) -> list[dict[str, Any]]:
+    """Start the local endpoint and its worker, run the endpoint grid, stop them."""
+    progress("starting the local endpoint and its worker (a second engine):")
+    prompts = job_prompts(max(plan.jobs(concurrency) for concurrency in plan.concurrency))
+    with running_endpoint(worker_env, log_path) as endpoint:
+        progress(f"measuring through the local endpoint ({endpoint.url}):")
+        return asyncio.run(run_endpoint_grid(endpoint.url, plan, prompts, results))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import dataclasses
 import datetime
 import itertools
 import json
@@ -47,17 +48,18 @@ from typing import Any
 
 import requests
 
-from bench.run import (
+from bench.common import (
     DEFAULT_OUTPUT,
+    REPO_ROOT,
     SAMPLING,
     SEED_PROMPT,
     machine_info,
     package_version,
     percentile,
+    table,
 )
 from bench.streaming import post_bytes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "single_first_chunk_delta_ms": 5.0,  # worker p50 - raw p50, one job at a time
     "batch_first_chunk_delta_ms": 20.0,  # the same, jobs arriving at once
@@ -77,6 +79,11 @@ class Plan:
     long_tokens: int = 2000
     long_n: int = 3
     poll_every_s: float = 1.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        """The CI smoke run's: fewer, shorter jobs."""
+        return cls(single_jobs=3, batch=4, max_tokens=32, long_tokens=500)
 
 
 def engine_env(model: str, plan: Plan) -> dict[str, str]:
@@ -109,12 +116,13 @@ def measure_raw(env: dict[str, str], plan: Plan) -> dict[str, Any]:
 
     engine = Engine.start(Settings.from_env(env))
     try:
-        return asyncio.run(_raw_cells(engine, plan))
+        return asyncio.run(raw_cells(engine, plan))
     finally:
         engine.shutdown()
 
 
-async def _raw_cells(engine: Any, plan: Plan) -> dict[str, Any]:
+async def raw_cells(engine: Any, plan: Plan) -> dict[str, Any]:
+    """The raw engine's figures, on a started engine (``python -m bench`` shares its own)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -330,39 +338,48 @@ def evaluate(raw: dict[str, Any], worker: dict[str, Any]) -> dict[str, dict[str,
     }
 
 
-def format_report(report: dict[str, Any]) -> str:
-    raw, worker = report["raw"], report["worker"]
-    fresh = worker["freshness"]
-    batch = report["parameters"]["batch"]
-    rows = [
-        ("one job at a time: first chunk p50", "single_first_chunk_ms", "p50", "ms"),
-        (f"{batch} at once: first chunk p50", "batch_first_chunk_ms", "p50", "ms"),
-        (f"{batch} at once: first chunk p95", "batch_first_chunk_ms", "p95", "ms"),
+def report_of(raw: dict[str, Any], worker: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The raw engine's and the worker's figures, the plan and the targets, together."""
+    return {
+        "parameters": dataclasses.asdict(plan),
+        "raw": raw,
+        "worker": worker,
+        "targets": evaluate(raw, worker),
+    }
+
+
+def format_report(production: dict[str, Any]) -> str:
+    """The raw engine beside the worker, the freshness line, the targets."""
+    raw, worker = production["raw"], production["worker"]
+    fresh, batch = worker["freshness"], production["parameters"]["batch"]
+    rows: list[list[Any]] = [
+        ["one job at a time: first chunk p50 (ms)"]
+        + [side["single_first_chunk_ms"]["p50"] for side in (raw, worker)],
+        [f"{batch} at once: first chunk p50 (ms)"]
+        + [side["batch_first_chunk_ms"]["p50"] for side in (raw, worker)],
+        [f"{batch} at once: first chunk p95 (ms)"]
+        + [side["batch_first_chunk_ms"]["p95"] for side in (raw, worker)],
+        [f"{batch} at once: tokens/s"] + [side["batch_tokens_per_s"] for side in (raw, worker)],
+        ["a job at a full worker: taken after room (ms)", "", worker["taken_after_room_ms"]],
     ]
-    lines = [f"{'':<40} {'raw engine':>12} {'worker':>12}"]
-    for label, key, stat, unit in rows:
-        lines.append(f"{label:<40} {raw[key][stat]:>9.1f} {unit} {worker[key][stat]:>9.1f} {unit}")
-    lines.append(
-        f"{f'{batch} at once: tokens/s':<40} {raw['batch_tokens_per_s']:>12.0f} "
-        f"{worker['batch_tokens_per_s']:>12.0f}"
+    targets = [
+        [name, target["value"], f"{target['target']}", "met" if target["met"] else "NOT met"]
+        for name, target in production["targets"].items()
+    ]
+    return "\n".join(
+        [
+            table(["through the production job loop", "raw engine", "worker"], rows),
+            "",
+            f"freshness, a job of {fresh['n']} x {fresh['tokens']} tokens "
+            f"({fresh['duration_s']:.1f} s), the seed's 1 s poller: "
+            f"{fresh['fresh_polls_share']:.0%} of {fresh['polls_while_running']} polls brought "
+            f"new text; longest gap {fresh['longest_gap_s']:.2f} s; {fresh['chunks']} chunks, "
+            f"{fresh['stream_bytes'] / 1000:.0f} kB posted = "
+            f"{fresh['bytes_over_final_text']:.1f}x the final text",
+            "",
+            table(["target (issue 12)", "value", "target", "verdict"], targets),
+        ]
     )
-    lines.append(
-        f"{'a job arriving at a full worker':<40} {'':>12} "
-        f"{worker['taken_after_room_ms']:>9.1f} ms after room freed"
-    )
-    lines.append(
-        f"\nfreshness, a job of {fresh['n']} x {fresh['tokens']} tokens "
-        f"({fresh['duration_s']:.1f} s), the seed's "
-        f"1 s poller: {fresh['fresh_polls_share']:.0%} of {fresh['polls_while_running']} polls "
-        f"brought new text; longest gap {fresh['longest_gap_s']:.2f} s; {fresh['chunks']} "
-        f"chunks, {fresh['stream_bytes'] / 1000:.0f} kB posted = "
-        f"{fresh['bytes_over_final_text']:.1f}x the final text"
-    )
-    lines.append("\ntargets:")
-    for name, target in report["targets"].items():
-        verdict = "met" if target["met"] else "NOT met"
-        lines.append(f"  {name:<32} {target['value']:>9.3f} (target {target['target']}): {verdict}")
-    return "\n".join(lines)
 
 
 def _shown(env: dict[str, str]) -> dict[str, str]:
@@ -390,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpus:
         # Children (the engine's processes, the worker) inherit it.
         os.sched_setaffinity(0, {int(cpu) for cpu in args.cpus.split(",")})
-    plan = Plan(single_jobs=3, batch=4, max_tokens=32, long_tokens=500) if args.quick else Plan()
+    plan = Plan.quick() if args.quick else Plan()
     today = datetime.datetime.now(datetime.timezone.utc)
     label = "production-" + ("quick-" if args.quick else "") + "tiny-cpu"
     if args.cpus:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.common import table
 from vllm_worker.engine_types import EngineUpdate, SequenceDelta
 from vllm_worker.schema import StreamMode
 from vllm_worker.settings import Settings
@@ -124,18 +125,30 @@ LLAMA2_ANSWERS = {
 
 
 def format_figures(rows: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        f"{'job':<52} {'chunks':>6} {'first':>6} {'gap max':>8} "
-        f"{'fresh polls':>11} {'stream':>10} {'x text':>7}"
-    ]
-    for name, row in rows.items():
-        lines.append(
-            f"{name:<52} {row['chunks']:>6} "
-            f"{row['first_chunk_s'] or 0:>5.2f}s {row['longest_gap_s']:>7.2f}s "
-            f"{row['polls_with_new_text']:>11.0%} {row['stream_bytes'] / 1000:>8.0f}kB "
-            f"{row['bytes_over_final_text']:>7.1f}"
-        )
-    return "\n".join(lines)
+    return table(
+        ["simulated job", "chunks", "first (s)", "gap max (s)", "fresh polls", "kB", "x text"],
+        [
+            [
+                name,
+                row["chunks"],
+                row["first_chunk_s"] or 0.0,
+                row["longest_gap_s"],
+                f"{row['polls_with_new_text']:.0%}",
+                row["stream_bytes"] / 1000,
+                row["bytes_over_final_text"],
+            ]
+            for name, row in rows.items()
+        ],
+    )
+
+
+def llama2_figures(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The streams of Llama 2 length answers under ``settings``, in both stream modes."""
+    return {
+        f"{name} ({mode})": figures(settings, **job, mode=mode)
+        for name, job in LLAMA2_ANSWERS.items()
+        for mode in ("cumulative", "delta")
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,13 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(simulated: an engine writing a steady number of tokens a second).",
     )
     parser.parse_args(argv)
-    settings = Settings()
-    rows = {
-        f"{name} ({mode})": figures(settings, **job, mode=mode)
-        for name, job in LLAMA2_ANSWERS.items()
-        for mode in ("cumulative", "delta")
-    }
-    print(format_figures(rows))
+    print(format_figures(llama2_figures(Settings())))
     return 0
 
 
