@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_worker.engine_types import Handler
 from vllm_worker.errors import InvalidInputError, WorkerError
 from vllm_worker.openai_input import is_openai_job, parse_openai_job
 from vllm_worker.schema import parse_job_input
 from vllm_worker.settings import Settings
-from vllm_worker.streaming import Chunk
 
 TEST_INPUT_FILE = Path("test_input.json")
 LOCAL_JOB_ID = "local-test"
@@ -73,9 +73,10 @@ def _read_job(argv: Sequence[str]) -> dict[str, Any]:
     return {"id": LOCAL_JOB_ID, "input": job["input"]}
 
 
-async def _print_chunks(handler: Any, job: dict[str, Any]) -> Chunk | str:
-    """Print each chunk as it comes; return the last one (the final output or the error)."""
-    last: Chunk | str = {}
+async def _print_chunks(handler: Handler, job: dict[str, Any]) -> Any:
+    """Print each output as it comes (a chunk; for an OpenAI route a response object or
+    server-sent-event text); return the last one (the final output or the error)."""
+    last: Any = {}
     number = 0
     async for chunk in handler(job):
         if isinstance(chunk, dict) and "error" in chunk:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from vllm_worker.engine_types import EngineUpdate, TokenLogprob
 from vllm_worker.schema import StreamMode
@@ -22,7 +22,35 @@ from vllm_worker.schema import StreamMode
 if TYPE_CHECKING:
     from vllm_worker.settings import Settings
 
-Chunk = dict[str, Any]
+
+class Chunk(TypedDict):
+    """A streamed chunk: one text per sequence (``n`` of them), cumulative or delta."""
+
+    text: list[str]
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int  # all sequences together
+    total_tokens: int
+
+
+class LogprobEntry(TypedDict):
+    token: str
+    logprob: float
+    top_logprobs: dict[str, float]  # the likeliest tokens at that place, the sampled one too
+
+
+class _FinalFields(Chunk):
+    finish_reason: list[str | None]  # "stop" (EOS, a stop string or token) or "length"
+    usage: Usage
+
+
+class FinalChunk(_FinalFields, total=False):
+    """The last chunk: the rest of the text, why each sequence ended, the token counts, and
+    each sequence's log-probabilities when the job asked for them."""
+
+    logprobs: list[list[LogprobEntry]]
 
 
 @dataclass
@@ -90,20 +118,26 @@ class ChunkBuilder:
 
     def chunk(self) -> Chunk:
         """A streamed chunk with what has arrived since the previous chunk."""
-        return {"text": self._texts()}
+        return Chunk(text=self._texts())
 
-    def final_chunk(self, *, with_logprobs: bool) -> Chunk:
+    def final_chunk(self, *, with_logprobs: bool) -> FinalChunk:
         """The last chunk: the remaining text, why each sequence stopped, and usage."""
-        chunk = self.chunk()
-        chunk["finish_reason"] = [sequence.finish_reason for sequence in self._sequences]
-        chunk["usage"] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+        chunk = FinalChunk(
+            text=self._texts(),
+            finish_reason=[sequence.finish_reason for sequence in self._sequences],
+            usage=Usage(
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                total_tokens=self.prompt_tokens + self.completion_tokens,
+            ),
+        )
         if with_logprobs:
             chunk["logprobs"] = [
-                [vars(entry) for entry in sequence.logprobs] for sequence in self._sequences
+                [
+                    LogprobEntry(token=e.token, logprob=e.logprob, top_logprobs=e.top_logprobs)
+                    for e in sequence.logprobs
+                ]
+                for sequence in self._sequences
             ]
         return chunk
 

@@ -60,7 +60,7 @@ class EndpointProcess:
 
     def health(self) -> dict[str, Any]:
         request = urllib.request.Request(f"{self.url}/health", headers=self.headers)
-        with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10) as reply:
             return dict(json.loads(reply.read()))
 
     def stop(self) -> None:
