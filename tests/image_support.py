@@ -135,9 +135,10 @@ def copy_context(destination: Path) -> Path:
 
 
 def readme_run_options() -> list[str]:
-    """The options the README's ``docker run`` on a GPU box passes, but ``--gpus all``
-    (no GPU here): the checks run the image as users are told to."""
-    readme = (REPO_ROOT / "README.md").read_text()
+    """The options the docs' ``docker run`` on a GPU box passes (docs/deploy.md, which the
+    README links to), but ``--gpus all`` (no GPU here): the checks run the image as users
+    are told to."""
+    readme = (REPO_ROOT / "docs" / "deploy.md").read_text()
     line = next(
         line for line in readme.splitlines() if line.startswith("docker run --rm --gpus all")
     )

@@ -31,7 +31,7 @@ TESTS_JSON = REPO_ROOT / ".runpod" / "tests.json"
 CATEGORIES = {"audio", "embedding", "language", "video", "image"}
 INPUT_TYPES = {"string", "number", "boolean", "huggingface"}
 # Variables the form may set that are not the worker's settings but are read by the
-# libraries it runs; each must be explained in the README.
+# libraries it runs; each must be explained in the settings' page (docs/settings.md).
 EXTERNAL = {"HF_TOKEN"}
 CUDA_VERSION = re.compile(r"^\d+\.\d+$")
 
@@ -170,10 +170,10 @@ def test_the_main_settings_are_on_the_form(env_entries: dict[str, dict[str, Any]
 def test_every_env_key_is_a_setting_or_a_documented_external_variable(
     env_entries: dict[str, dict[str, Any]],
 ) -> None:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    page = (REPO_ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     for key in env_entries:
         if key in EXTERNAL:
-            assert f"`{key}`" in readme, f"{key} is not explained in the README"
+            assert f"`{key}`" in page, f"{key} is not explained in docs/settings.md"
         else:
             assert key in settings_variables(), f"{key} is not a setting of the worker"
 
