@@ -80,20 +80,30 @@ def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
     return targets
 
 
+def _speed_cells(row: dict[str, Any]) -> list[Any]:
+    """The columns every speed table starts with: mode, concurrency, tokens/s, first chunk."""
+    vs_raw = row["vs_raw"]
+    return [
+        row["mode"],
+        row["concurrency"],
+        row["tokens_per_s"],
+        vs_raw["tokens_per_s_ratio"],
+        row["ttft_ms"]["p50"],
+        row["ttft_ms"]["p95"],
+        vs_raw["ttft_p50_delta_ms"],
+    ]
+
+
+_SPEED_HEADER = ["mode", "conc", "tok/s", "x raw", "ttft p50", "p95", "+raw"]
+
+
 def format_grid(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["conc", "mode", "tok/s", "x raw", "ttft p50", "p95", "+raw", "gap p50", "p95"]
-    header += ["chunks", "bytes/job", "x text", "cpu us/tok", "+raw"]
+    header = [*_SPEED_HEADER, "gap p50", "p95", "chunks", "bytes/job", "x text"]
     return table(
-        ["mode", *header[:1], *header[2:]],
+        [*header, "cpu us/tok", "+raw"],
         [
             [
-                row["mode"],
-                row["concurrency"],
-                row["tokens_per_s"],
-                row["vs_raw"]["tokens_per_s_ratio"],
-                row["ttft_ms"]["p50"],
-                row["ttft_ms"]["p95"],
-                row["vs_raw"]["ttft_p50_delta_ms"],
+                *_speed_cells(row),
                 row["gap_ms"]["p50"],
                 row["gap_ms"]["p95"],
                 row["chunks_per_job"],
@@ -108,18 +118,11 @@ def format_grid(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_endpoint(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["mode", "conc", "tok/s", "x raw", "ttft p50", "p95", "+raw", "chunks"]
     return table(
-        [*header, "requests", "bytes/job", "x text"],
+        [*_SPEED_HEADER, "chunks", "requests", "bytes/job", "x text"],
         [
             [
-                row["mode"],
-                row["concurrency"],
-                row["tokens_per_s"],
-                row["vs_raw"]["tokens_per_s_ratio"],
-                row["ttft_ms"]["p50"],
-                row["ttft_ms"]["p95"],
-                row["vs_raw"]["ttft_p50_delta_ms"],
+                *_speed_cells(row),
                 row["chunks_per_job"],
                 row["requests_per_job"],
                 row["bytes_per_job"],

@@ -51,6 +51,12 @@ SEED_INPUT = json.loads((Path(__file__).parents[2] / "test_input.json").read_tex
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
+def shell(docker: Docker, image: BuiltImage, command: str) -> str:
+    """A shell command's output in the image, with no network."""
+    run = ("run", "--rm", "--network", "none", "--entrypoint", "bash", image.tag, "-c", command)
+    return str(docker(*run).stdout)
+
+
 # --- the builds -------------------------------------------------------------------------------
 
 
@@ -62,27 +68,17 @@ def test_the_readme_tells_users_to_give_vllm_its_shared_memory() -> None:
 def test_the_baked_image_holds_the_model_and_nothing_of_the_build(
     docker: Docker, baked_image: BuiltImage
 ) -> None:
-    def shell(command: str) -> str:
-        return str(
-            docker(
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "--entrypoint",
-                "bash",
-                baked_image.tag,
-                "-c",
-                command,
-            ).stdout
-        )
-
-    manifest = json.loads(shell("cat /models/manifest.json"))
+    manifest = json.loads(shell(docker, baked_image, "cat /models/manifest.json"))
     assert manifest["model_name"] == REPO_ID
     assert manifest["files"]
-    assert shell("ls -A /app").split() == ["src", "test_input.json"]  # no builder/, requirements/
-    assert shell("ls -A /app/src").split() == ["handler.py"]
-    assert shell('echo "$HF_HUB_OFFLINE $MODEL_NAME"').strip() == f"1 {REPO_ID}"
+    assert shell(docker, baked_image, "ls -A /app").split() == [
+        "src",
+        "test_input.json",
+    ]  # no builder/, requirements/
+    assert shell(docker, baked_image, "ls -A /app/src").split() == ["handler.py"]
+    assert (
+        shell(docker, baked_image, 'echo "$HF_HUB_OFFLINE $MODEL_NAME"').strip() == f"1 {REPO_ID}"
+    )
     layers = docker("history", "--format", "{{.Size}}\t{{.CreatedBy}}", baked_image.tag).stdout
     sizes = [line.split("\t", 1) for line in layers.splitlines()]
     FIGURES.values["image layers (size, step)"] = "; ".join(
@@ -96,17 +92,11 @@ def test_the_baked_image_holds_the_model_and_nothing_of_the_build(
 def test_the_hub_default_build_needs_no_argument_and_no_secret(
     docker: Docker, hub_default_image: BuiltImage
 ) -> None:
-    shown = docker(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--entrypoint",
-        "bash",
-        hub_default_image.tag,
-        "-c",
+    shown = shell(
+        docker,
+        hub_default_image,
         "test -e /models/manifest.json && echo baked || echo unbaked; echo $HF_HUB_OFFLINE",
-    ).stdout.split()
+    ).split()
     assert shown == ["unbaked", "0"]
     assert "BAKE_MODEL=0: the worker downloads" in hub_default_image.log
 
