@@ -121,7 +121,8 @@ class TakeRecord:
 class WorkerRecord:
     first_seen: float
     last_seen: float
-    open_polls: int = 0
+    open_polls: int = 0  # job-take and job-stop polls held open now
+    open_takes: int = 0  # of those, job-take polls: a job queued now may go to this worker
 
 
 @dataclass(frozen=True)
@@ -269,11 +270,20 @@ class JobStore:
     def has_queued(self) -> bool:
         return bool(self._queue)
 
-    def poll_started(self, worker_id: str) -> None:
-        self.seen(worker_id).open_polls += 1
+    def poll_started(self, worker_id: str, *, take: bool = False) -> None:
+        record = self.seen(worker_id)
+        record.open_polls += 1
+        record.open_takes += take
 
-    def poll_ended(self, worker_id: str) -> None:
-        self.seen(worker_id).open_polls -= 1
+    def poll_ended(self, worker_id: str, *, take: bool = False) -> None:
+        record = self.seen(worker_id)
+        record.open_polls -= 1
+        record.open_takes -= take
+
+    def taking(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` has a job-take poll open now."""
+        record = self.workers.get(worker_id)
+        return record is not None and record.open_takes > 0
 
     def seen(self, worker_id: str) -> WorkerRecord:
         now = self._clock()

@@ -117,13 +117,13 @@ class _WorkerRoutes:
             except (KeyError, ValueError):
                 return self._problem(400, f"job-take-batch without batch_size: {request.path_qs}")
         ctx = self.ctx
-        self.store.poll_started(worker_id)
+        self.store.poll_started(worker_id, take=True)
         try:
             await ctx.changes.wait_for(
                 lambda: ctx.draining or self.store.has_queued(), ctx.config.take_hold_s
             )
         finally:
-            self.store.poll_ended(worker_id)
+            self.store.poll_ended(worker_id, take=True)
         if ctx.draining:
             return web.Response(status=204)
         jobs = self.store.take(worker_id, batch_size, batch=batch, job_in_progress=job_in_progress)
