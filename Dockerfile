@@ -8,6 +8,9 @@
 #   TOKENIZER_REVISION  tokenizer revision             default empty (= MODEL_REVISION,
 #                                                      as vLLM does)
 #   QUANTIZATION        vLLM quantization, e.g. awq    default empty (= none)
+#   LORA_MODULES        LoRA adapters, name=source pairs (source: a Hub repo id or a
+#                       folder)                        default empty (= none); with
+#                       BAKE_MODEL=1 the Hub repos are baked beside the model
 #   BAKE_MODEL          1: download the model into the image now and run offline;
 #                       0: the worker downloads it when it starts   default 0
 #   HF_ENDPOINT         the Hub to download from                   default empty (= the
@@ -70,6 +73,7 @@ ARG MODEL_REVISION=""
 ARG TOKENIZER_NAME=""
 # hadolint ignore=DL3064
 ARG TOKENIZER_REVISION=""
+ARG LORA_MODULES=""
 ARG BAKE_MODEL=0
 ARG HF_ENDPOINT=""
 ENV HF_HUB_CACHE=/models
@@ -82,6 +86,7 @@ RUN --mount=type=secret,id=hf_token,required=false \
                 --revision "${MODEL_REVISION}" \
                 --tokenizer "${TOKENIZER_NAME}" \
                 --tokenizer-revision "${TOKENIZER_REVISION:-${MODEL_REVISION}}" \
+                --lora-modules "${LORA_MODULES}" \
                 --dest /models \
                 --token-file /run/secrets/hf_token \
             && rm -rf /tmp/hf-build ;; \
@@ -112,6 +117,7 @@ ENV MODEL_NAME=${MODEL_NAME} \
     TOKENIZER_NAME=${TOKENIZER_NAME} \
     TOKENIZER_REVISION=${TOKENIZER_REVISION:-${MODEL_REVISION}} \
     QUANTIZATION=${QUANTIZATION} \
+    LORA_MODULES=${LORA_MODULES} \
     HF_HUB_OFFLINE=${BAKE_MODEL}
 
 # Replaces the base image's `vllm serve` entry point. Arguments given to `docker run`

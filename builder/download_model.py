@@ -172,6 +172,29 @@ def select_files(
     return sorted(set(weights) | tokenizer_selection(top) | (CONFIG_FILES & top)), weight_format
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def select_adapter_files(repo_files: Iterable[str]) -> list[str]:
+    """A LoRA adapter's files: its config, its weights (safetensors when it has them) and
+    the tokenizer files some adapters bring. ``BuildError`` when it is not an adapter."""
+    top = {name for name in repo_files if "/" not in name}
+    if ADAPTER_CONFIG not in top:
+        raise BuildError(f"the repo has no {ADAPTER_CONFIG}: not a LoRA (PEFT) adapter")
+    weights = next(([name] for name in ADAPTER_WEIGHTS if name in top), [])
+    if not weights:
+        raise BuildError(f"the repo has none of {', '.join(ADAPTER_WEIGHTS)}")
+    return sorted({ADAPTER_CONFIG, *weights} | tokenizer_selection(top))
+
+
+def adapter_repos(lora_modules: str) -> list[str]:
+    """The Hugging Face repo ids among ``LORA_MODULES``' sources (``name=source`` pairs;
+    a source that is a path is not downloaded: it is the worker's to mount)."""
+    sources = [item.partition("=")[2] for item in lora_modules.replace(",", " ").split()]
+    return [s for s in sources if s and not s.startswith(("/", ".", "~"))]
+
+
 def tokenizer_selection(top: set[str]) -> set[str]:
     """The tokenizer and chat template files among the top-level files ``top``."""
     chosen = set((TOKENIZER_FILES | CHAT_TEMPLATE_FILES) & top)
@@ -241,10 +264,13 @@ def download_repo(
     token: str | None,
     *,
     tokenizer_only: bool = False,
+    adapter: bool = False,
 ) -> dict[str, Any]:
     """Download the selected files of ``repo_id@revision`` into the cache ``dest``."""
     try:
-        return _download_repo(repo_id, revision, dest, token, tokenizer_only=tokenizer_only)
+        return _download_repo(
+            repo_id, revision, dest, token, tokenizer_only=tokenizer_only, adapter=adapter
+        )
     except BuildError as error:
         raise BuildError(f"{repo_id}@{revision}: {error}") from None
     except Exception as error:
@@ -252,12 +278,20 @@ def download_repo(
 
 
 def _download_repo(
-    repo_id: str, revision: str, dest: Path, token: str | None, *, tokenizer_only: bool
+    repo_id: str,
+    revision: str,
+    dest: Path,
+    token: str | None,
+    *,
+    tokenizer_only: bool,
+    adapter: bool = False,
 ) -> dict[str, Any]:
     commit, repo_files = _repo_listing(repo_id, revision, token)
     top = {name for name in repo_files if "/" not in name}
     weight_format: str | None = None
-    if tokenizer_only:
+    if adapter:
+        files = select_adapter_files(repo_files)
+    elif tokenizer_only:
         if not (TOKENIZER_FILES | LEGACY_TOKENIZER_FILES) & top:
             raise BuildError("the repo has no tokenizer files")
         files = sorted(tokenizer_selection(top) | ({"config.json"} & top))
@@ -298,8 +332,10 @@ def build(
     tokenizer_revision: str | None,
     dest: Path,
     token: str | None,
+    adapters: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Download the model (and a separate tokenizer, if any); write and return the manifest."""
+    """Download the model (and a separate tokenizer, and LoRA adapters, if any); write and
+    return the manifest."""
     revision = revision or "main"
     # vLLM's rule: the tokenizer's revision defaults to the model's.
     tokenizer_revision = tokenizer_revision or revision
@@ -328,6 +364,11 @@ def build(
         "weight_format": baked["weight_format"],
         "total_bytes": baked["total_bytes"],
         "hf_hub_cache": str(dest),
+        # Downloaded at their main revision: the worker finds them offline by repo id.
+        "adapters": [
+            {key: got[key] for key in ("repo_id", "commit", "path", "files", "total_bytes")}
+            for got in (download_repo(repo, "main", dest, token, adapter=True) for repo in adapters)
+        ],
     }
     manifest_path = dest / MANIFEST_NAME
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -394,6 +435,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--tokenizer-revision", default="", help="tokenizer revision (default: --revision)"
     )
     parser.add_argument(
+        "--lora-modules",
+        default="",
+        help="LORA_MODULES (name=source pairs): the sources that are Hub repos are baked too",
+    )
+    parser.add_argument(
         "--dest", default=DEFAULT_DEST, help=f"Hub cache to fill (default: {DEFAULT_DEST})"
     )
     parser.add_argument(
@@ -433,6 +479,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             tokenizer_revision=args.tokenizer_revision.strip() or None,
             dest=Path(args.dest),
             token=token,
+            adapters=adapter_repos(args.lora_modules),
         )
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
@@ -456,6 +503,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         f"manifest {Path(manifest['hf_hub_cache']) / MANIFEST_NAME}"
     )
     print(out.redact(line), flush=True)
+    for adapter in manifest["adapters"]:
+        print(out.redact(f"{PROG}: adapter {adapter['repo_id']}@{adapter['commit']}"), flush=True)
     return 0
 
 

@@ -200,6 +200,13 @@ def _bad_top_level() -> st.SearchStrategy[Any]:
             lambda params: {"prompt": PROMPT, "sampling_params": params}
         ),
         st.just({"prompt": PROMPT, "messages": [{"role": "user", "content": PROMPT}]}),
+        # `model`: a name neither the served model's nor an adapter's (LORA_MODULES), or
+        # not a name at all.
+        st.one_of(
+            st.sampled_from(["", "gamma", "gpt-4", "Alpha", "alpha ", "base/../alpha"]),
+            st.integers(),
+            st.lists(st.text(max_size=3), max_size=2),
+        ).map(lambda model: {"prompt": PROMPT, "model": model}),
         st.sampled_from(
             [
                 [],

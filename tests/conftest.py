@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY_ENGINE_ENV
-from vllm_worker.tiny_model import build
+from vllm_worker.tiny_model import build, build_adapter
 
 # The image checks build and run Docker images: only scripts/test_image.sh runs them.
 collect_ignore = [] if os.environ.get("VLLM_WORKER_IMAGE_CHECKS") else ["image"]
@@ -33,6 +33,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# The LoRA adapters of the tiny model every real-engine test serves (random weights).
+ADAPTER_SEEDS = {"alpha": 11, "beta": 22}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tiny-adapters")
+    return {name: build_adapter(folder / name, seed) for name, seed in ADAPTER_SEEDS.items()}
 
 
 @pytest.fixture(scope="session")

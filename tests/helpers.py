@@ -43,6 +43,11 @@ def load_builder() -> ModuleType:
     return module
 
 
+def lora_modules(adapters: dict[str, Path]) -> str:
+    """``LORA_MODULES`` serving ``adapters`` (the ``tiny_adapters`` fixture)."""
+    return ",".join(f"{name}={path}" for name, path in adapters.items())
+
+
 def handler_for(engine: Any, settings: Settings) -> Handler:
     """A handler on ``engine`` with the chat template ``settings`` choose, as start-up
     builds it, without the OpenAI routes (``startup.build`` has them)."""

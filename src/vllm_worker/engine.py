@@ -17,6 +17,7 @@ from typing import Any
 from vllm import AsyncLLMEngine, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -43,7 +44,12 @@ class Engine:
     """One vLLM ``AsyncLLMEngine`` shared by every job of the worker."""
 
     def __init__(
-        self, engine: Any, tokenizer: Any, max_model_len: int, load: _LoadRecorder | None = None
+        self,
+        engine: Any,
+        tokenizer: Any,
+        max_model_len: int,
+        load: _LoadRecorder | None = None,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         # vLLM's engine (its EngineClient): what vLLM's own serving classes take (the
         # OpenAI routes), and what tests and benchmarks compare the worker against. None
@@ -53,6 +59,12 @@ class Engine:
         self.max_model_len = max_model_len
         self._load = load
         self._aborts: set[asyncio.Future[None]] = set()  # abort calls in flight
+        # LoRA adapters by name (LORA_MODULES, their local folders); vLLM loads each the
+        # first time a request asks for it.
+        self.adapters: dict[str, LoRARequest] = {
+            name: LoRARequest(lora_name=name, lora_int_id=number, lora_path=folder)
+            for number, (name, folder) in enumerate((adapters or {}).items(), start=1)
+        }
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -63,7 +75,13 @@ class Engine:
         engine = AsyncLLMEngine.from_engine_args(
             build_engine_args(settings), stat_loggers=[lambda _config, _index: load]
         )
-        return cls(engine, engine.get_tokenizer(), engine.model_config.max_model_len, load)
+        return cls(
+            engine,
+            engine.get_tokenizer(),
+            engine.model_config.max_model_len,
+            load,
+            settings.lora_modules,
+        )
 
     def load(self) -> EngineLoad | None:
         """The scheduler's state after its latest step (None before the first one)."""
@@ -107,7 +125,10 @@ class Engine:
             with self._aborted_if_abandoned(progress):
                 # Inside the try: SamplingParams checks some values itself as it is built.
                 params = _to_vllm_params(request)
-                outputs = self.client.generate(prompt, params, request.request_id)
+                lora = self.adapters[request.adapter] if request.adapter else None
+                outputs = self.client.generate(
+                    prompt, params, request.request_id, lora_request=lora
+                )
                 async for output in outputs:
                     for completion in output.outputs:
                         held.setdefault(completion.index, []).append(completion)

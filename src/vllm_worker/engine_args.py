@@ -1,8 +1,11 @@
-"""Settings -> vLLM ``AsyncEngineArgs``: one pure function, nothing else."""
+"""Settings -> vLLM ``AsyncEngineArgs``: one pure function, and the checks vLLM's own
+registries allow before the engine starts (quantization methods, tool and reasoning
+parsers, ``ENGINE_ARGS``' field names)."""
 
 from __future__ import annotations
 
-from typing import get_args
+import dataclasses
+from typing import Any, get_args
 
 from vllm import AsyncEngineArgs
 from vllm.model_executor.layers.quantization import QuantizationMethods
@@ -10,42 +13,113 @@ from vllm.model_executor.layers.quantization import QuantizationMethods
 from vllm_worker.errors import SettingsError
 from vllm_worker.settings import Settings
 
+ENGINE_ARGS_DOCS = "https://docs.vllm.ai/en/v0.32.0/configuration/engine_args/"
+# Set by the worker whatever the settings: it logs one line per job itself; vLLM's
+# periodic stats and per-request logs would print prompts and flood the RunPod log.
+_FIXED = {"disable_log_stats": True, "enable_log_requests": False}
 
-def build_engine_args(settings: Settings) -> AsyncEngineArgs:
-    """The engine arguments for ``settings``; raises ``SettingsError`` for values vLLM refuses."""
-    quantization_methods = get_args(QuantizationMethods)
-    if settings.quantization is not None and settings.quantization not in quantization_methods:
-        raise SettingsError(
-            f"QUANTIZATION={settings.quantization!r} is invalid: must be one of "
-            f"{', '.join(quantization_methods)}"
-        )
-    return AsyncEngineArgs(
-        model=settings.model_name,
-        revision=settings.model_revision,
+
+def dedicated_args(settings: Settings) -> dict[str, tuple[str, Any]]:
+    """Each engine argument a setting of its own sets: ``{field: (VARIABLE, value)}``."""
+    return {
+        "model": ("MODEL_NAME", settings.model_name),
+        "revision": ("MODEL_REVISION", settings.model_revision),
         # None: vLLM uses the model's own path and revision (and finds it in a baked,
         # offline cache; the name alone would be looked up at `main`).
-        tokenizer=settings.tokenizer_name,
-        tokenizer_revision=settings.tokenizer_revision,
-        trust_remote_code=settings.trust_remote_code,
-        download_dir=settings.download_dir,
-        load_format=settings.load_format,
-        quantization=settings.quantization,
-        dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
-        seed=settings.seed,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
-        kv_cache_dtype=settings.kv_cache_dtype,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        enforce_eager=settings.enforce_eager,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        block_size=settings.block_size,
-        max_logprobs=settings.max_logprobs,
-        # The worker logs one line per job itself; vLLM's periodic stats and
-        # per-request logs would print prompts and flood the RunPod log.
-        disable_log_stats=True,
-        enable_log_requests=False,
-    )
+        "tokenizer": ("TOKENIZER_NAME", settings.tokenizer_name),
+        "tokenizer_revision": ("TOKENIZER_REVISION", settings.tokenizer_revision),
+        "trust_remote_code": ("TRUST_REMOTE_CODE", settings.trust_remote_code),
+        "download_dir": ("DOWNLOAD_DIR", settings.download_dir),
+        "load_format": ("LOAD_FORMAT", settings.load_format),
+        "quantization": ("QUANTIZATION", settings.quantization),
+        "dtype": ("DTYPE", settings.dtype),
+        "max_model_len": ("MAX_MODEL_LEN", settings.max_model_len),
+        "seed": ("SEED", settings.seed),
+        "gpu_memory_utilization": ("GPU_MEMORY_UTILIZATION", settings.gpu_memory_utilization),
+        "kv_cache_memory_bytes": ("KV_CACHE_MEMORY_BYTES", settings.kv_cache_memory_bytes),
+        "kv_cache_dtype": ("KV_CACHE_DTYPE", settings.kv_cache_dtype),
+        "tensor_parallel_size": ("TENSOR_PARALLEL_SIZE", settings.tensor_parallel_size),
+        "pipeline_parallel_size": ("PIPELINE_PARALLEL_SIZE", settings.pipeline_parallel_size),
+        "enforce_eager": ("ENFORCE_EAGER", settings.enforce_eager),
+        "max_num_seqs": ("MAX_NUM_SEQS", settings.max_num_seqs),
+        "max_num_batched_tokens": ("MAX_NUM_BATCHED_TOKENS", settings.max_num_batched_tokens),
+        "enable_prefix_caching": ("ENABLE_PREFIX_CACHING", settings.enable_prefix_caching),
+        "block_size": ("BLOCK_SIZE", settings.block_size),
+        "max_logprobs": ("MAX_LOGPROBS", settings.max_logprobs),
+        "enable_lora": ("LORA_MODULES", bool(settings.lora_modules)),
+        "max_loras": ("MAX_LORAS", settings.max_loras),
+        "max_lora_rank": ("MAX_LORA_RANK", settings.max_lora_rank),
+        # The engine's structured output waits for the reasoning's end (as --reasoning-parser
+        # does); the OpenAI routes split the reasoning from the answer with the same parser.
+        "reasoning_parser": ("REASONING_PARSER", settings.reasoning_parser or ""),
+    }
+
+
+def build_engine_args(settings: Settings) -> AsyncEngineArgs:
+    """The engine arguments for ``settings``; ``SettingsError`` for values vLLM refuses."""
+    _check_quantization(settings)
+    check_parsers(settings)
+    dedicated = dedicated_args(settings)
+    extra = _checked_extra(settings.engine_args or {}, dedicated)
+    kwargs = {name: value for name, (_, value) in dedicated.items()} | extra | _FIXED
+    try:
+        return AsyncEngineArgs(**kwargs)
+    except (TypeError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise SettingsError(f"ENGINE_ARGS is invalid: {first_line}") from None
+
+
+def _check_quantization(settings: Settings) -> None:
+    methods = get_args(QuantizationMethods)
+    if settings.quantization is not None and settings.quantization not in methods:
+        raise SettingsError(
+            f"QUANTIZATION={settings.quantization!r} is invalid: must be one of "
+            f"{', '.join(methods)}"
+        )
+
+
+def check_parsers(settings: Settings) -> None:
+    """``TOOL_CALL_PARSER`` and ``REASONING_PARSER`` name parsers vLLM has registered, and
+    ``ENABLE_AUTO_TOOL_CHOICE`` has a tool parser (as vLLM requires)."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for variable, name, registered in (
+        ("TOOL_CALL_PARSER", settings.tool_call_parser, ToolParserManager.list_registered()),
+        ("REASONING_PARSER", settings.reasoning_parser, ReasoningParserManager.list_registered()),
+    ):
+        if name is not None and name not in registered:
+            raise SettingsError(
+                f"{variable}={name!r} is invalid: must be one of vLLM's: {', '.join(registered)}"
+            )
+    if settings.enable_auto_tool_choice and settings.tool_call_parser is None:
+        raise SettingsError(
+            "ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER: the parser that reads the "
+            "model's tool calls (e.g. hermes, llama3_json)"
+        )
+    if settings.tool_call_parser is not None and not settings.enable_auto_tool_choice:
+        # vLLM 0.32 builds the tool parser only with auto tool choice on (ParserManager.
+        # get_tool_parser): without it, every tool_choice but "none" would be refused.
+        raise SettingsError(
+            f"TOOL_CALL_PARSER={settings.tool_call_parser!r} needs ENABLE_AUTO_TOOL_CHOICE="
+            "true: vLLM parses tool calls only with auto tool choice on"
+        )
+
+
+def _checked_extra(extra: dict[str, Any], dedicated: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """``ENGINE_ARGS``, once every field is one of ``AsyncEngineArgs`` and none is one a
+    dedicated setting (or the worker itself) already sets."""
+    known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise SettingsError(
+            f"ENGINE_ARGS: {', '.join(map(repr, unknown))} is not an argument of vLLM's "
+            f"engine (AsyncEngineArgs); its arguments: {ENGINE_ARGS_DOCS}"
+        )
+    for name in sorted(extra):
+        if name in dedicated:
+            variable = dedicated[name][0]
+            raise SettingsError(f"ENGINE_ARGS: {name!r} is set by {variable}: set it there")
+        if name in _FIXED:
+            raise SettingsError(f"ENGINE_ARGS: {name!r} is set by the worker itself")
+    return extra

@@ -28,6 +28,7 @@ class GenerationRequest:
     sampling: SamplingParamsInput
     max_tokens: int
     stream: bool
+    adapter: str | None = None  # a LoRA adapter's name (LORA_MODULES); None: the base model
 
 
 @dataclass(frozen=True)

@@ -267,4 +267,46 @@ def prepare(settings: Settings) -> Settings:
     )
     for message in source.messages:
         log.info("%s", message)
-    return source.settings
+    return _with_adapters_found(source.settings)
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a LoRA (PEFT) adapter
+
+
+def _with_adapters_found(settings: Settings) -> Settings:
+    """The settings with each LoRA adapter's source as a local folder: a folder as it is, a
+    Hugging Face repo id found in the cache (a baked image's, offline) or downloaded now.
+    ``SettingsError`` naming ``LORA_MODULES`` when one cannot be had."""
+    if not settings.lora_modules:
+        return settings
+    found = {
+        name: _adapter_folder(name, source, settings)
+        for name, source in settings.lora_modules.items()
+    }
+    for name, folder in found.items():
+        log.info("LoRA adapter %s: %s (%s)", name, settings.lora_modules[name], folder)
+    return settings.model_copy(update={"lora_modules": found})
+
+
+def _adapter_folder(name: str, source: str, settings: Settings) -> str:
+    where = f"LORA_MODULES: {name}={source}"
+    if source.startswith(("/", ".", "~")):
+        folder = Path(source).expanduser()
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise SettingsError(f"{where}: no {ADAPTER_CONFIG} there (not a LoRA adapter folder)")
+        return str(folder.resolve())
+    from huggingface_hub import snapshot_download
+
+    offline = is_offline(settings)
+    try:
+        folder = Path(snapshot_download(source, local_files_only=offline))
+    except Exception as error:
+        if offline:
+            raise SettingsError(
+                f"{where}: not in the image's Hugging Face cache and HF_HUB_OFFLINE=1: bake "
+                "it (build with --build-arg LORA_MODULES=...) or set HF_HUB_OFFLINE=0"
+            ) from None
+        raise SettingsError(f"{where}: cannot be downloaded: {type(error).__name__}") from None
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise SettingsError(f"{where}: the repo has no {ADAPTER_CONFIG} (not a LoRA adapter)")
+    return str(folder)

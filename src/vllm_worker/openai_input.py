@@ -19,7 +19,8 @@ from vllm_worker.settings import Settings
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
-ROUTES = (CHAT, COMPLETIONS, MODELS)
+RESPONSES = "/v1/responses"
+ROUTES = (CHAT, COMPLETIONS, RESPONSES, MODELS)
 
 _KEYS = ("openai_route", "openai_input")
 

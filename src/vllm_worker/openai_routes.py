@@ -1,10 +1,13 @@
 """RunPod's OpenAI-compatible routes, served in-process by vLLM's own OpenAI layer.
 
-``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` go to the same serving
-classes ``vllm serve`` uses (``OpenAIServingChat``, ``OpenAIServingCompletion``,
-``OpenAIServingModels``), built once at start-up on the worker's shared engine, so that
-sampling, usage, ``n``, ``stop``, ``seed``, ``logprobs``, ``response_format`` and the
-response shapes are vLLM's and not a re-implementation.
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` and ``/v1/models`` go to
+the same serving classes ``vllm serve`` uses (``OpenAIServingChat``,
+``OpenAIServingCompletion``, ``OpenAIServingResponses``, ``OpenAIServingModels``), built
+once at start-up on the worker's shared engine, so that sampling, usage, ``n``, ``stop``,
+``seed``, ``logprobs``, ``response_format``, tool calls (``TOOL_CALL_PARSER``,
+``ENABLE_AUTO_TOOL_CHOICE``), reasoning output (``REASONING_PARSER``), LoRA adapters
+(``LORA_MODULES``, by ``model``) and the response shapes are vLLM's and not a
+re-implementation.
 
 What a job yields, as RunPod's own vLLM worker (runpod-workers/worker-vllm) does so that
 RunPod relays it to the HTTP client:
@@ -12,7 +15,8 @@ RunPod relays it to the HTTP client:
 - a non-streaming request: one output, the response object (``chat.completion``,
   ``text_completion``, ``list``);
 - a streaming request: text holding the server-sent events ``data: {...}\\n\\n`` as vLLM
-  writes them, ending with ``data: [DONE]\\n\\n``; events that come within
+  writes them, ending with ``data: [DONE]\\n\\n`` (``/v1/responses``: ``event: <type>``
+  and ``data: {...}`` per event, as ``vllm serve`` writes them); events that come within
   ``STREAM_MIN_INTERVAL_MS`` of the previous output are sent together, in one output;
 - a refused request: an error (``errors.WorkerError``) that the handler turns into a
   FAILED job whose error is the OpenAI error object, status code included
@@ -34,13 +38,15 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.renderers.online_renderer import OnlineRenderer
 
 from vllm_worker.engine import Engine
-from vllm_worker.errors import EngineError, OpenAIRequestError, WorkerError
-from vllm_worker.openai_input import CHAT, MODELS, OpenAIJob, served_model_name
+from vllm_worker.errors import EngineError, OpenAIRequestError, SettingsError, WorkerError
+from vllm_worker.openai_input import CHAT, MODELS, RESPONSES, OpenAIJob, served_model_name
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import EmissionClock
 
@@ -56,12 +62,17 @@ class OpenAIRoutes:
         models: OpenAIServingModels,
         chat: OpenAIServingChat,
         completion: OpenAIServingCompletion,
+        responses: OpenAIServingResponses,
+        *,
         stream_min_interval_s: float,
+        tool_calling: bool,
     ) -> None:
         self.models = models
         self.chat = chat
         self.completion = completion
+        self.responses = responses
         self._stream_min_interval_s = stream_min_interval_s
+        self._tool_calling = tool_calling
 
     @classmethod
     def build(cls, engine: Engine, settings: Settings, chat_template: str | None) -> OpenAIRoutes:
@@ -71,52 +82,79 @@ class OpenAIRoutes:
         llm = engine.client  # vLLM's EngineClient, which its serving classes take
         name = served_model_name(settings)
         # model_path is only shown as the model's "root": the public name, never a path.
-        # No LoRA modules, so there are no static LoRAs to load (init_static_loras).
         models = OpenAIServingModels(
             engine_client=llm,
             base_model_paths=[BaseModelPath(name=name, model_path=name)],
             lora_modules=None,
         )
-        # The worker's chat template, so that `messages` jobs and this route render alike.
-        template = chat_template
-        renderer = OnlineRenderer(
-            model_config=llm.model_config,
-            renderer=llm.renderer,
-            request_logger=None,  # never log prompts
-            chat_template=template,
-            chat_template_content_format=_CONTENT_FORMAT,
-        )
+        # The adapters the native input serves too (the same requests): vLLM loads each
+        # the first time it is asked for (init_static_loras would need an event loop).
+        models.lora_requests.update(engine.adapters)
+        # Tool calling and reasoning output, as `vllm serve`'s flags set them: the renderer
+        # checks `tool_choice` and the serving classes parse the model's output.
+        parsers: dict[str, Any] = {
+            "enable_auto_tools": settings.enable_auto_tool_choice,
+            "tool_parser": settings.tool_call_parser,
+            "tool_strict_level": settings.tool_strict_level,
+            "reasoning_parser": settings.reasoning_parser or "",  # vLLM's "none"
+        }
+        shared: dict[str, Any] = {
+            "request_logger": None,  # never log prompts
+            "chat_template": chat_template,  # `messages` jobs and these routes render alike
+            "chat_template_content_format": _CONTENT_FORMAT,
+            **parsers,
+        }
+        # Before vLLM's own classes, which refuse a parser that does not fit with a bare
+        # TypeError: start-up names the setting.
+        _check_parsers_fit(engine.tokenizer, llm.model_config, settings)
+        renderer = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer, **shared)
         renderer.warmup()
-        chat = OpenAIServingChat(
-            llm,
-            models,
-            "assistant",
-            online_renderer=renderer,
-            request_logger=None,
-            chat_template=template,
-            chat_template_content_format=_CONTENT_FORMAT,
-        )
+        chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared)
         completion = OpenAIServingCompletion(
             llm, models, online_renderer=renderer, request_logger=None
         )
-        return cls(models, chat, completion, settings.stream_min_interval_ms / 1000)
+        responses = OpenAIServingResponses(llm, models, renderer, **shared)
+        return cls(
+            models,
+            chat,
+            completion,
+            responses,
+            stream_min_interval_s=settings.stream_min_interval_ms / 1000,
+            tool_calling=settings.tool_call_parser is not None,
+        )
 
     def close(self) -> None:
         """Let go of vLLM's serving objects (each holds the engine) once it has stopped."""
-        del self.models, self.chat, self.completion
+        del self.models, self.chat, self.completion, self.responses
 
     async def serve(self, job: OpenAIJob) -> AsyncIterator[Any]:
         """The job's outputs (see the module docstring); ``WorkerError`` when refused."""
         if job.route == MODELS:
-            yield (await self.models.show_available_models()).model_dump()
+            models = await self.models.show_available_models()
+            for card in models.data:
+                if card.id in self.models.lora_requests:
+                    card.root = card.id  # an adapter's "root" is its folder: never a path
+            yield models.model_dump()
             return
+        if job.body.get("tools") and not self._tool_calling:
+            raise OpenAIRequestError(
+                "tools: this worker serves no tool calling: set TOOL_CALL_PARSER and "
+                "ENABLE_AUTO_TOOL_CHOICE=true to serve it",
+                status=400,
+                error_type="BadRequestError",
+                param="tools",
+            )
         result = await self._start(job)
         if isinstance(result, ErrorResponse):
             raise _to_worker_error(result)
         if not isinstance(result, AsyncIterator):
-            yield result.model_dump()
+            # As vLLM's own API server answers each route.
+            yield (
+                result.model_dump(by_alias=True) if job.route == RESPONSES else result.model_dump()
+            )
             return
-        async for text in coalesce(result, EmissionClock(self._stream_min_interval_s)):
+        events = _sse(result) if job.route == RESPONSES else result
+        async for text in coalesce(events, EmissionClock(self._stream_min_interval_s)):
             yield text
 
     async def _start(self, job: OpenAIJob) -> Any:
@@ -125,12 +163,52 @@ class OpenAIRoutes:
             if job.route == CHAT:
                 chat_request = ChatCompletionRequest.model_validate(job.body)
                 return await self.chat.create_chat_completion(chat_request)
+            if job.route == RESPONSES:
+                responses_request = ResponsesRequest.model_validate(job.body)
+                return await self.responses.create_responses(responses_request)
             request = CompletionRequest.model_validate(job.body)
             return await self.completion.create_completion(request)
         except ValidationError as error:
             raise _invalid_request(error) from None
         except Exception as error:  # what vLLM's API server turns into an error response
             raise _to_worker_error(create_error_response(error)) from error
+
+
+def _check_parsers_fit(tokenizer: Any, model_config: Any, settings: Settings) -> None:
+    """Each parser set is built once with the model's tokenizer, as every request builds it:
+    one that needs tokens the model lacks (a reasoning parser's ``<think>``) stops start-up
+    here, ``SettingsError``, not each request later."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    checks: tuple[tuple[str, str | None, Any, dict[str, Any]], ...] = (
+        ("TOOL_CALL_PARSER", settings.tool_call_parser, ToolParserManager.get_tool_parser, {}),
+        (
+            "REASONING_PARSER",
+            settings.reasoning_parser,
+            ReasoningParserManager.get_reasoning_parser,
+            {"model_config": model_config},
+        ),
+    )
+    for variable, name, parser_class, extra in checks:
+        if name is None:
+            continue
+        try:
+            parser_class(name)(tokenizer, **extra)
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise SettingsError(
+                f"{variable}={name!r} does not fit the model's tokenizer: "
+                f"{type(error).__name__}: {first_line}"
+            ) from None
+
+
+async def _sse(events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """The Responses API's stream events as server-sent events, as ``vllm serve`` writes
+    them (``event: <type>`` and ``data: <json>``)."""
+    async for event in events:
+        data = event.model_dump_json(indent=None, by_alias=True)
+        yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {data}\n\n"
 
 
 async def coalesce(events: AsyncIterator[str], clock: EmissionClock) -> AsyncIterator[str]:

@@ -146,6 +146,11 @@ class JobInput(_Strict):
         "cumulative",
         description="cumulative: each chunk holds all text so far; delta: only the new text.",
     )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The served model's name (the default) or a LoRA adapter's (LORA_MODULES).",
+    )
 
     @model_validator(mode="before")
     @classmethod

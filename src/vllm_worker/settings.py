@@ -9,8 +9,10 @@ naming the variable, the value and what is allowed, and the worker does not star
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +34,7 @@ Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
+_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HF_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
 _HF_FALSE = frozenset({"0", "OFF", "NO", "FALSE"})
 
@@ -66,6 +69,9 @@ class Settings(BaseModel):
     enable_prefix_caching: bool = True
     block_size: PositiveInt | None = None
     max_logprobs: Annotated[int, Field(ge=0)] = 20
+    # Any other vLLM engine argument (AsyncEngineArgs' fields), as a JSON object; checked
+    # against vLLM's own fields at start-up (engine_args.py).
+    engine_args: dict[str, Any] | None = None
 
     # --- the worker ----------------------------------------------------------------
     max_concurrency: PositiveInt = 64
@@ -93,6 +99,20 @@ class Settings(BaseModel):
     custom_chat_template: str | None = None
     # The model name of the OpenAI routes (openai_routes.py); default: MODEL_NAME's public name.
     served_model_name: str | None = None
+    # The OpenAI routes' tool calling and reasoning output: vLLM's parsers, by the names it
+    # registers (checked at start-up, engine_args.check_parsers).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    # How far structured output pins tool calls (vLLM's --tool-strict-level): auto, the
+    # arguments of `strict: true` functions; function, every call's envelope; parameter,
+    # every call's arguments too, as if each function were strict.
+    tool_strict_level: Literal["auto", "function", "parameter"] = "auto"
+    reasoning_parser: str | None = None
+
+    # --- LoRA adapters (name -> a Hugging Face repo id or a local folder) ------------
+    lora_modules: dict[str, str] | None = None
+    max_loras: PositiveInt = 1  # adapters in one batch (vLLM's max_loras)
+    max_lora_rank: PositiveInt = 16  # the largest rank of an adapter (vLLM's max_lora_rank)
 
     # --- where the model comes from (model_source.py) ------------------------------
     # Hugging Face's own variables, read here so that the worker knows what the
@@ -140,6 +160,37 @@ class Settings(BaseModel):
         if value is not None and "{{" not in value and "{%" not in value:
             raise ValueError("the text of a Jinja template (with {{ }} or {% %}), not a file name")
         return value
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("a JSON object of vLLM engine arguments (not valid JSON)") from None
+        if not isinstance(parsed, dict):
+            raise ValueError('a JSON object of vLLM engine arguments, e.g. {"max_num_seqs": 8}')
+        return parsed
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _name_source_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in value.replace(",", " ").split():
+            name, _, source = item.partition("=")
+            if not _LORA_NAME.fullmatch(name) or not source:
+                raise ValueError(
+                    "name=source pairs separated by commas (a name of letters, digits, '.', "
+                    f"'_' or '-'; a source: a Hugging Face repo id or a folder), not {item!r}"
+                )
+            if name in pairs:
+                raise ValueError(f"name=source pairs with distinct names ({name!r} twice)")
+            pairs[name] = source
+        return pairs or None
 
     @field_validator("quantization", mode="before")
     @classmethod

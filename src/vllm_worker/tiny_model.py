@@ -5,7 +5,8 @@ this one: Llama 2's architecture and tokenizer conventions (``<s>`` BOS added to
 prompt, ``</s>`` EOS, ``<unk>``, Llama 2's chat template) at a size that builds in
 seconds. Its text is gibberish; everything else about serving it is real.
 
-Usage: ``python -m vllm_worker.tiny_model DIR``; then ``MODEL_NAME=DIR``.
+Usage: ``python -m vllm_worker.tiny_model DIR``; then ``MODEL_NAME=DIR``. A LoRA adapter of
+it: ``python -m vllm_worker.tiny_model --adapter SEED DIR``; then ``LORA_MODULES=name=DIR``.
 """
 
 from __future__ import annotations
@@ -115,12 +116,59 @@ def build(directory: Path) -> Path:
     return directory
 
 
+# The tiny model's attention projections, for its LoRA adapters: hidden size 128, two
+# layers, q and v projections of 2 heads x 64 = 128 outputs each.
+_HIDDEN, _LAYERS, _PROJECTION_OUT = 128, 2, 128
+
+
+def build_adapter(directory: Path, seed: int, rank: int = 8) -> Path:
+    """A random-weight LoRA adapter of the tiny model (PEFT's format: adapter_config.json
+    and adapter_model.safetensors, on q_proj and v_proj), large enough to change its
+    greedy output; ``seed`` makes each adapter its own, bit-identical on every build."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(_LAYERS):
+        for projection in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, _HIDDEN, generator=generator)
+            weights[f"{key}.lora_B.weight"] = torch.randn(
+                _PROJECTION_OUT, rank, generator=generator
+            )
+    save_file(weights, str(directory / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-llama",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="where to write the model")
+    parser.add_argument(
+        "--adapter",
+        type=int,
+        metavar="SEED",
+        help="write a random LoRA adapter of the tiny model instead, from this seed",
+    )
     args = parser.parse_args(argv)
-    path = build(args.directory)
-    print(path)
+    if args.adapter is None:
+        print(build(args.directory))
+    else:
+        print(build_adapter(args.directory, args.adapter))
 
 
 if __name__ == "__main__":

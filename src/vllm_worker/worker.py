@@ -17,7 +17,7 @@ from vllm_worker.chat import render_chat
 from vllm_worker.engine_types import GenerationRequest, Handler, ServingEngine
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
-from vllm_worker.openai_input import is_openai_job, parse_openai_job
+from vllm_worker.openai_input import is_openai_job, parse_openai_job, served_model_name
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream
@@ -105,6 +105,7 @@ async def _run(
         prompt_token_ids = engine.tokenize(prompt)
     max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
     _check_min_tokens(job_input, max_tokens)
+    adapter = _adapter_for(job_input.model, settings)
     request = GenerationRequest(
         # Unique even when a job id comes twice (a retried job): vLLM keys requests by id.
         request_id=f"{job_id}-{uuid.uuid4().hex[:8]}",
@@ -112,6 +113,7 @@ async def _run(
         sampling=job_input.sampling_params,
         max_tokens=max_tokens,
         stream=job_input.stream,
+        adapter=adapter,
     )
     builder = ChunkBuilder(
         prompt=prompt,
@@ -148,6 +150,20 @@ def _max_tokens(
     requested = job_input.sampling_params.max_tokens or settings.default_max_tokens
     # Clipped requests end with finish_reason "length", as OpenAI's API does.
     return min(requested, room)
+
+
+def _adapter_for(model: str | None, settings: Settings) -> str | None:
+    """The LoRA adapter a job's ``model`` names; None for the base model (also when the job
+    names none). ``InvalidInputError`` listing the names served for any other name."""
+    base = served_model_name(settings)
+    adapters = list(settings.lora_modules or {})
+    if model is None or model in (base, settings.model_name):
+        return None
+    if model in adapters:
+        return model
+    raise InvalidInputError(
+        f"model: {model!r} is not served here; served: {', '.join([base, *adapters])}"
+    )
 
 
 def _check_min_tokens(job_input: JobInput, max_tokens: int) -> None:

@@ -76,9 +76,17 @@ def test_test_input_json_in_the_working_directory_is_run(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     shutil.copy(REPO_ROOT / "test_input.json", tmp_path / "test_input.json")
-    env = {**worker_env, "STREAM_MIN_INTERVAL_MS": "50"}
+    # And any engine argument: the docs' example, speculative decoding by n-gram lookup.
+    speculative = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    env = {
+        **worker_env,
+        "STREAM_MIN_INTERVAL_MS": "50",
+        "ENGINE_ARGS": json.dumps({"speculative_config": speculative}),
+    }
     result = run_handler(env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # vLLM's engine logs the configuration it runs with.
+    assert "speculative_config=SpeculativeConfig(method='ngram'" in result.stderr
     prompt = json.loads((tmp_path / "test_input.json").read_text())["input"]["prompt"]
     output = job_result(result.stdout)["output"]
     assert output["text"][0].startswith(prompt)
@@ -128,11 +136,38 @@ def test_no_job_at_all_is_an_error(worker_env: dict[str, str], tmp_path: Path) -
     assert "no job to run: pass --test_input" in result.stderr
 
 
-def test_invalid_setting_stops_start_up(worker_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**worker_env, "GPU_MEMORY_UTILIZATION": "2"}
-    result = run_handler(env, tmp_path, "--test_input", '{"input": {"prompt": "x"}}', timeout=60)
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            {"GPU_MEMORY_UTILIZATION": "2"},
+            "GPU_MEMORY_UTILIZATION='2' is invalid: must be less than or equal to 1",
+        ),
+        ({"LORA_MODULES": "alpha"}, "LORA_MODULES='alpha' is invalid: must be name=source pairs"),
+        (
+            {"LORA_MODULES": "alpha=/nowhere/adapter"},
+            "LORA_MODULES: alpha=/nowhere/adapter: no adapter_config.json there",
+        ),
+        (
+            {"TOOL_CALL_PARSER": "hermess"},
+            "TOOL_CALL_PARSER='hermess' is invalid: must be one of vLLM's: ",
+        ),
+        (
+            {"ENGINE_ARGS": '{"max_model_len": 64}'},
+            "ENGINE_ARGS: 'max_model_len' is set by MAX_MODEL_LEN: set it there",
+        ),
+    ],
+    ids=["range", "LoRA pairs", "LoRA folder", "tool parser", "engine args"],
+)
+def test_an_invalid_setting_stops_start_up_in_one_line(
+    worker_env: dict[str, str], tmp_path: Path, setting: dict[str, str], expected: str
+) -> None:
+    env = {**worker_env, **setting}
+    result = run_handler(env, tmp_path, "--test_input", '{"input": {"prompt": "x"}}', timeout=120)
     assert result.returncode == 2
-    assert "GPU_MEMORY_UTILIZATION='2' is invalid: must be less than or equal to 1" in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert line.startswith(f"vllm-worker: cannot start: {expected}"), line
+    assert "Traceback" not in result.stderr
 
 
 def test_an_openai_route_input_runs_through_the_openai_routes(

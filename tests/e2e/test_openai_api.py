@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 import requests
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint, submit, wait_final
+from helpers import lora_modules
 
 API_KEY = "test-key"
 MESSAGES: list[Any] = [
@@ -31,10 +33,19 @@ IGNORE_EOS = {"ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def endpoint(
-    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    worker_env: dict[str, str],
+    tiny_adapters: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EndpointProcess]:
     workdir = tmp_path_factory.mktemp("openai-endpoint")
-    with start_endpoint(worker_env, workdir, api_key=API_KEY) as process:
+    settings = {
+        # Tool calling (vLLM's hermes parser) and the tiny model's two LoRA adapters.
+        "ENABLE_AUTO_TOOL_CHOICE": "true",
+        "TOOL_CALL_PARSER": "hermes",
+        "LORA_MODULES": lora_modules(tiny_adapters),
+        "MAX_LORAS": "2",
+    }
+    with start_endpoint(worker_env, workdir, settings, api_key=API_KEY) as process:
         yield process
 
 
@@ -56,7 +67,7 @@ def model(client: openai.OpenAI, tiny_model_dir: Path) -> str:
 
 def test_models_lists_the_served_name_never_a_path(client: openai.OpenAI, model: str) -> None:
     models = client.models.list()
-    assert [entry.id for entry in models.data] == [model]
+    assert [entry.id for entry in models.data] == [model, "alpha", "beta"]  # and the adapters
     assert "/" not in json.dumps(models.model_dump())  # no path anywhere, "root" included
 
 
@@ -219,7 +230,7 @@ def test_an_unknown_route_is_refused(client: openai.OpenAI, model: str) -> None:
     assert isinstance(refused.value.body, dict)
     message = refused.value.body["message"]
     assert "'/v1/embeddings' is not served" in message
-    assert "/v1/chat/completions, /v1/completions, /v1/models" in message
+    assert "/v1/chat/completions, /v1/completions, /v1/responses, /v1/models" in message
 
 
 def test_a_wrong_api_key_is_refused(endpoint: EndpointProcess, model: str) -> None:
@@ -269,3 +280,103 @@ def test_a_client_that_goes_away_cancels_its_job(endpoint: EndpointProcess, mode
     next(reply.iter_lines())  # the stream has begun
     reply.close()
     endpoint.wait_for_log(r"job (sync-\S+): the client went away; the job is CANCELLED", 60)
+
+
+# --- tools, the Responses API, LoRA adapters ---------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather forecast of a city.",
+        # Structured output pins the arguments to the schema (vLLM's TOOL_STRICT_LEVEL=auto).
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            # Bounded, and letters only: the random tiny model would otherwise write one
+            # endless string, with raw control characters (grammar-valid, not JSON).
+            "properties": {
+                "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What will the weather be in Paris?"}]
+
+
+def check_tool_call(name: str, arguments: str) -> None:
+    """A call of the weather tool whose arguments validate against its JSON schema."""
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+
+
+def test_required_tool_choice_calls_a_tool_with_valid_arguments(
+    client: openai.OpenAI, model: str
+) -> None:
+    # "required" is enforced by structured output: even the random tiny model complies.
+    response = client.chat.completions.create(
+        model=model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,  # one call: the grammar ends it, not max_tokens
+        max_tokens=200,
+    )
+    [choice] = response.choices
+    assert choice.finish_reason == "tool_calls", response
+    [call] = choice.message.tool_calls or []
+    check_tool_call(call.function.name, call.function.arguments)
+
+
+def test_a_named_tool_choice_streams_a_valid_call(client: openai.OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(
+        model=model,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        stream=True,
+    )
+    names, arguments = "", ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                names += call.function.name or "" if call.function else ""
+                arguments += call.function.arguments or "" if call.function else ""
+    check_tool_call(names, arguments)
+
+
+def test_responses_api_answers_streamed_and_not(client: openai.OpenAI, model: str) -> None:
+    request: dict[str, Any] = {"model": model, "input": "Say hello.", "max_output_tokens": 12}
+    response = client.responses.create(**request, temperature=0)
+    assert response.object == "response"
+    assert response.status in {"completed", "incomplete"}
+    assert response.usage is not None and response.usage.output_tokens >= 1
+    events = list(client.responses.create(**request, temperature=0, stream=True))
+    assert events[0].type == "response.created"
+    assert events[-1].type in {"response.completed", "response.incomplete"}
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == response.output_text  # greedy: the same text, streamed
+
+
+def test_an_adapter_is_chosen_by_model_in_both_apis(
+    client: openai.OpenAI, endpoint: EndpointProcess, model: str
+) -> None:
+    sampling = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    native = {"prompt": "Once upon a time", "echo": False, "sampling_params": sampling}
+    texts = {}
+    for name in (model, "alpha"):
+        final = wait_final(endpoint, submit(endpoint, {**native, "model": name}))
+        completion = client.completions.create(
+            model=name,
+            prompt="Once upon a time",
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert completion.choices[0].text == final["output"][-1]["text"][0]
+        texts[name] = completion.choices[0].text
+    assert texts["alpha"] != texts[model]  # the adapter answers, not the base model

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pytest
 
-from helpers import TINY_ENGINE_ENV, handler_for
+from helpers import TINY_ENGINE_ENV, handler_for, lora_modules
 from vllm_worker.engine import Engine
 from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
@@ -23,8 +23,16 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
-def settings(tiny_model_dir: Path) -> Settings:
-    return Settings.from_env({**TINY_ENGINE_ENV, "MODEL_NAME": str(tiny_model_dir)})
+def settings(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Settings:
+    return Settings.from_env(
+        {
+            **TINY_ENGINE_ENV,
+            "MODEL_NAME": str(tiny_model_dir),
+            # Two adapters, served side by side (tests/integration/test_lora.py).
+            "LORA_MODULES": lora_modules(tiny_adapters),
+            "MAX_LORAS": "2",
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from helpers import TINY_ENGINE_ENV, collect
 from vllm_worker.engine import Engine
 from vllm_worker.engine_types import Handler
 from vllm_worker.errors import INTERNAL_ERROR_MESSAGE
-from vllm_worker.openai_input import CHAT, COMPLETIONS, served_model_name
+from vllm_worker.openai_input import CHAT, COMPLETIONS, RESPONSES, served_model_name
 from vllm_worker.settings import Settings
 from vllm_worker.startup import build
 
@@ -321,3 +321,72 @@ def test_fuzzed_openai_requests_never_fail_inside_the_worker(
     print(f"\nfuzzed OpenAI requests by answer: {dict(codes)}")
     assert codes[200] >= 10 and sum(codes.values()) - codes[200] >= 100
     assert_engine_serves(run, openai_handler, engine)
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+}
+NEW_FIELDS = {
+    # chat completions: tool calling, and `model` naming an adapter or not
+    CHAT: ["model", "tools", "tool_choice", "parallel_tool_calls", "max_tokens", "stream"],
+    # the Responses API
+    RESPONSES: [
+        "model", "input", "instructions", "tools", "tool_choice", "max_output_tokens",
+        "stream", "text", "reasoning", "previous_response_id", "store", "include",
+    ],
+}  # fmt: skip
+FIELD_VALUES = JSON_VALUES | st.sampled_from(
+    ["alpha", "required", "auto", [TOOL], [{"type": "web_search"}], {"type": "function"}]
+)
+
+
+@pytest.mark.parametrize("tool_calling", [False, True], ids=["no tool parser", "hermes"])
+def test_fuzzed_tool_and_responses_requests_never_fail_inside_the_worker(
+    run: Run, engine: Engine, settings: Settings, tool_calling: bool
+) -> None:
+    """The fields of tool calling and of the Responses API, fuzzed on a worker without a
+    tool parser and on one with vLLM's hermes parser: a 4xx error object or an answer."""
+    if tool_calling:
+        settings = settings.model_copy(
+            update={"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
+        )
+    handler = build(engine, settings).handler
+    bases = {
+        CHAT: {
+            "model": served_model_name(settings),
+            "messages": [{"role": "user", "content": PROMPT}],
+        },
+        RESPONSES: {"model": served_model_name(settings), "input": PROMPT},
+    }
+    codes: Counter[int] = Counter()
+
+    @fuzz(150)
+    @given(
+        st.sampled_from([CHAT, RESPONSES]).flatmap(
+            lambda route: st.tuples(
+                st.just(route),
+                st.dictionaries(
+                    st.sampled_from(NEW_FIELDS[route]), FIELD_VALUES, min_size=1, max_size=3
+                ),
+            )
+        )
+    )
+    def one(case: tuple[str, dict[str, Any]]) -> None:
+        route, fields = case
+        limit = {"max_tokens": 4} if route == CHAT else {"max_output_tokens": 4}
+        body = {**bases[route], **limit, **fields}
+        outputs = run(collect(handler, {"openai_route": route, "openai_input": body}))
+        last = outputs[-1]
+        if isinstance(last, dict) and set(last) == {"error"}:
+            error = json.loads(last["error"])["error"]
+            assert 400 <= error["code"] < 500, f"{route} {fields!r:.300}: {error}"
+            assert "\n" not in error["message"] and MARKER not in error["message"]
+            codes[error["code"]] += 1
+        else:
+            codes[200] += 1
+
+    one()
+    print(f"\nfuzzed chat and Responses requests by answer: {dict(codes)}")
+    assert codes[200] >= 5 and sum(codes.values()) - codes[200] >= 50
+    assert_engine_serves(run, handler, engine)

@@ -1,5 +1,8 @@
 """Settings -> AsyncEngineArgs: one pure function."""
 
+import json
+import re
+
 import pytest
 
 from vllm_worker.engine_args import build_engine_args
@@ -71,3 +74,80 @@ def test_unknown_quantization_method_names_the_variable() -> None:
     settings = Settings.from_env({"QUANTIZATION": "zip"})
     with pytest.raises(SettingsError, match=r"QUANTIZATION='zip' is invalid: must be one of .*awq"):
         build_engine_args(settings)
+
+
+def test_engine_args_pass_any_other_engine_argument() -> None:
+    speculative = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}
+    settings = Settings.from_env(
+        {
+            "ENGINE_ARGS": json.dumps(
+                {"speculative_config": speculative, "long_prefill_token_threshold": 256}
+            )
+        }
+    )
+    args = build_engine_args(settings)
+    assert args.speculative_config == speculative
+    assert args.long_prefill_token_threshold == 256
+
+
+def test_an_unknown_engine_argument_stops_start_up_naming_it() -> None:
+    settings = Settings.from_env({"ENGINE_ARGS": '{"speculative_confg": {}}'})
+    with pytest.raises(SettingsError) as raised:
+        build_engine_args(settings)
+    message = str(raised.value)
+    assert message.startswith("ENGINE_ARGS: 'speculative_confg' is not an argument of vLLM's")
+    assert "docs.vllm.ai" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("max_model_len", "ENGINE_ARGS: 'max_model_len' is set by MAX_MODEL_LEN: set it there"),
+        ("model", "ENGINE_ARGS: 'model' is set by MODEL_NAME: set it there"),
+        ("disable_log_stats", "ENGINE_ARGS: 'disable_log_stats' is set by the worker itself"),
+    ],
+)
+def test_an_engine_argument_a_setting_owns_is_a_conflict(field: str, message: str) -> None:
+    settings = Settings.from_env({"ENGINE_ARGS": json.dumps({field: 1})})
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        build_engine_args(settings)
+
+
+def test_engine_args_must_be_a_json_object() -> None:
+    for value in ("[1]", "{not json", '"a string"'):
+        with pytest.raises(SettingsError, match=r"^ENGINE_ARGS=.* is invalid: must be a JSON"):
+            Settings.from_env({"ENGINE_ARGS": value})
+
+
+def test_lora_settings_reach_the_engine_args() -> None:
+    settings = Settings.from_env(
+        {"LORA_MODULES": "sql=org/sql-lora", "MAX_LORAS": "2", "MAX_LORA_RANK": "32"}
+    )
+    args = build_engine_args(settings)
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank) == (True, 2, 32)
+    assert build_engine_args(Settings.from_env({})).enable_lora is False
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TOOL_CALL_PARSER": "no-such"}, r"^TOOL_CALL_PARSER='no-such' is invalid: .*hermes"),
+        ({"REASONING_PARSER": "no-such"}, r"^REASONING_PARSER='no-such' is invalid: .*deepseek_r1"),
+        (
+            {"ENABLE_AUTO_TOOL_CHOICE": "true"},
+            r"^ENABLE_AUTO_TOOL_CHOICE=true needs TOOL_CALL_PARSER",
+        ),
+        (
+            {"TOOL_CALL_PARSER": "hermes"},
+            r"^TOOL_CALL_PARSER='hermes' needs ENABLE_AUTO_TOOL_CHOICE=true",
+        ),
+    ],
+)
+def test_tool_and_reasoning_parsers_are_vllms_own(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build_engine_args(Settings.from_env(env))
+
+
+def test_a_known_tool_parser_passes() -> None:
+    settings = Settings.from_env({"ENABLE_AUTO_TOOL_CHOICE": "1", "TOOL_CALL_PARSER": "hermes"})
+    build_engine_args(settings)

@@ -19,6 +19,7 @@ from vllm_worker.openai_input import (
     CHAT,
     COMPLETIONS,
     MODELS,
+    RESPONSES,
     is_openai_job,
     parse_openai_job,
     served_model_name,
@@ -28,7 +29,7 @@ from vllm_worker.settings import Settings
 # --- the route table --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", [CHAT, COMPLETIONS, MODELS, CHAT + "/"])
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS, RESPONSES, MODELS, CHAT + "/"])
 def test_served_routes_are_accepted(route: str) -> None:
     job = parse_openai_job({"openai_route": route, "openai_input": {"model": "m"}}, max_n=4)
     assert job.route == route.rstrip("/")
@@ -36,7 +37,8 @@ def test_served_routes_are_accepted(route: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "route", ["/v1/embeddings", "/v1/responses", "/v1/chat", "/chat/completions", "", 7, None]
+    "route",
+    ["/v1/embeddings", "/v1/responses/resp_1", "/v1/chat", "/chat/completions", "", 7, None],
 )
 def test_any_other_route_is_refused_with_a_404(route: Any) -> None:
     with pytest.raises(OpenAIRequestError) as refused:
@@ -44,7 +46,9 @@ def test_any_other_route_is_refused_with_a_404(route: Any) -> None:
     assert refused.value.status == 404
     assert refused.value.error_type == "NotFoundError"
     assert refused.value.message.startswith("openai_route: ")
-    assert "/v1/chat/completions, /v1/completions, /v1/models" in refused.value.message
+    assert (
+        "/v1/chat/completions, /v1/completions, /v1/responses, /v1/models" in refused.value.message
+    )
 
 
 def test_models_needs_no_body_and_never_streams() -> None:
