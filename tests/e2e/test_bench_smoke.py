@@ -1,5 +1,9 @@
 """`python -m bench --quick`: the benchmark runs end to end and writes its results.
 
+Without the cold start, a third engine start (40 s of the suite): its code path is the
+worker's own start-up, which the lifecycle tests run, and the lazy imports it checks are
+tested in tests/unit/test_lazy_imports.py.
+
 Only errors fail this test, never speed: the numbers are checked to exist and be
 positive, not to meet the issue's targets (CI machines are shared and noisy).
 """
@@ -31,7 +35,7 @@ def positive(value: Any) -> bool:
 
 def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", "--no-cold-start", "--output", str(tmp_path)],
         cwd=REPO_ROOT,
         env=worker_env,
         capture_output=True,
@@ -71,10 +75,6 @@ def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path
     # Llama 2 length answers, simulated (exact figures: no engine, no clock).
     assert report["streaming"]["1,000 tokens at 30 tokens/s (cumulative)"]["chunks"] == 38
 
-    cold = report["cold_start"]
-    assert positive(cold["ready_ms"]) and positive(cold["worker_share_ms"])
-    assert cold["heavy_modules_after_worker_imports"] == []  # the worker's imports stay lazy
-    assert {"tokens_per_s_ratio_at_max_concurrency", "worker_cold_start_ms"} <= set(
-        report["targets"]
-    )
+    assert "cold_start" not in report
+    assert "tokens_per_s_ratio_at_max_concurrency" in report["targets"]
     assert "raw" in result.stdout and "targets" in result.stdout  # the printed table

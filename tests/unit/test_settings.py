@@ -69,6 +69,10 @@ def test_unrelated_variables_are_ignored() -> None:
         ("STREAM_MIN_INTERVAL_MS", "-1", "greater than or equal to 0"),
         ("LOG_LEVEL", "loud", "'DEBUG', 'INFO'"),
         ("RUNPOD_REALTIME_PORT", "70000", "less than or equal to 65535"),
+        ("LORA_MODULES", "alpha", "name=source pairs"),
+        ("LORA_MODULES", "a=x,a=y", "name=source pairs"),
+        ("ENGINE_ARGS", "[1]", "JSON object"),
+        ("TOOL_STRICT_LEVEL", "always", "'auto', 'function'"),
     ],
 )
 def test_invalid_value_names_the_variable_and_what_is_allowed(
