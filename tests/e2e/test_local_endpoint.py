@@ -40,11 +40,15 @@ SEED_PROMPT = (
     "\nWrite me an essay about how the french revolution impacted the rest of europe over "
     "the 18th century. \n"
 )
-SEED_FLOW_TOKENS = 2000  # the endpoint's MAX_MODEL_LEN is 2048
-# Jobs that must still run when the test looks: 4 x 2000 tokens take seconds on the tiny
-# model however fast the machine is (at most a few thousand tokens/s for 4 sequences).
+SEED_FLOW_TOKENS = 2000  # the seed's flow within the tiny model's own 2048 positions
+# Jobs that run seconds (4 x 2000 tokens), to completion.
 LONG_INPUT = {"n": 4, "max_tokens": 2000, "ignore_eos": True}
 LONG_STORY = {"prompt": "A long story:", "sampling_params": LONG_INPUT}
+# Jobs that must still run when the test looks, which then cancels them: 2 x 30,000 tokens
+# take a minute or more whatever the machine's speed, and whatever stalls the loopback
+# (seconds, seen on these 2-core machines while the engine runs).
+ENDLESS_TOKENS = 30_000
+ENDLESS_INPUT = {"n": 2, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}
 
 
 # --- the endpoint process -------------------------------------------------------------
@@ -54,7 +58,9 @@ LONG_STORY = {"prompt": "A long story:", "sampling_params": LONG_INPUT}
 def endpoint(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EndpointProcess]:
-    with start_endpoint(worker_env, tmp_path_factory.mktemp("local-endpoint")) as process:
+    # Room for ENDLESS_INPUT: positions past the tiny model's 2048 (its KV cache holds 64k).
+    longer = {"MAX_MODEL_LEN": "32768", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    with start_endpoint(worker_env, tmp_path_factory.mktemp("local-endpoint"), longer) as process:
         yield process
 
 
@@ -165,7 +171,7 @@ def test_the_first_chunk_can_be_read_while_the_job_runs(endpoint: EndpointProces
     for attempt in range(3):
         job_input = {
             "prompt": f"Attempt {attempt}: once upon a time",
-            "sampling_params": LONG_INPUT,
+            "sampling_params": ENDLESS_INPUT,
         }
         started = time.monotonic()
         job_id = submit(endpoint, job_input)
@@ -242,10 +248,11 @@ def test_a_validation_error_fails_the_job_and_the_next_one_works(
 
 
 def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> None:
-    """Two identical long jobs side by side; one is cancelled once it streams. Its vLLM
-    request is aborted long before its end, and nothing it posted after the cancel is
-    kept."""
-    job_id, twin_id = submit(endpoint, LONG_STORY), submit(endpoint, LONG_STORY)
+    """Two long jobs side by side; one, too long to end by itself, is cancelled once it
+    streams. Its vLLM request is aborted, and nothing it posted after the cancel is kept;
+    the other completes."""
+    endless = {"prompt": "A long story:", "sampling_params": ENDLESS_INPUT}
+    job_id, twin_id = submit(endpoint, endless), submit(endpoint, LONG_STORY)
     submitted = time.monotonic()
     while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["stream"]:
         assert time.monotonic() < submitted + JOB_TIMEOUT_S
@@ -266,7 +273,7 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     twin = wait_final(endpoint, twin_id)
     assert twin["status"] == "COMPLETED"
     log = endpoint.log()
-    assert int(aborted.group(1)) < 4 * 2000  # stopped before its end: its twin wrote them all
+    assert int(aborted.group(1)) < 2 * ENDLESS_TOKENS  # stopped before its end
     assert twin["output"][-1]["usage"]["completion_tokens"] == 4 * 2000
     assert f"job {job_id} done:" not in log  # the handler never finished it
     assert log.index(f"| {job_id} | Stopping job.") < aborted.start()
@@ -285,7 +292,7 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
     assert max(late, default=0) < len(twin["output"]) / 2, (late, len(twin["output"]))
     print(
-        f"cancel: aborted after {aborted.group(1)} of {4 * 2000} tokens; the test saw it "
+        f"cancel: aborted after {aborted.group(1)} of {2 * ENDLESS_TOKENS} tokens; the test saw it "
         f"{stopped_after * 1000:.0f} ms after /cancel (an upper bound: "
         f"{_stop_latency_ms(log, job_id):.0f} ms in the log); {max(late, default=0)} late "
         f"posts ignored; its twin took {time.monotonic() - submitted:.1f} s"
@@ -368,7 +375,7 @@ def test_fifty_concurrent_jobs_all_complete_correctly(endpoint: EndpointProcess)
     for _at, step in points:
         overlap += step
         peak = max(peak, overlap)
-    assert peak_in_progress > 1
+    # By the endpoint's own clock (a client's /health polls may miss short jobs).
     assert peak > 1
     print(
         f"50 concurrent jobs: all COMPLETED in {elapsed:.1f} s; peak in progress "
