@@ -52,8 +52,23 @@ def endpoint(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EndpointProcess]:
     workdir = tmp_path_factory.mktemp("lifecycle")
-    with start_endpoint(worker_env, workdir, QUIETER | {"SHUTDOWN_GRACE_SECONDS": "1"}) as process:
+    settings = QUIETER | {"SHUTDOWN_GRACE_SECONDS": "1"} | LONGER
+    with start_endpoint(worker_env, workdir, settings) as process:
         yield process
+
+
+# Jobs a test stops (cancel, SIGTERM) are too long to end by themselves, whatever the
+# machine's speed and however long the loopback stalls (seconds, seen on these 2-core
+# machines while the engine runs): positions past the tiny model's 2048.
+ENDLESS_TOKENS = 30_000
+LONGER = {"MAX_MODEL_LEN": "32768", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+
+
+def endless_job(number: int, n: int = 1) -> dict[str, Any]:
+    return {
+        "prompt": f"Job {number}: an endless story",
+        "sampling_params": {"n": n, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True},
+    }
 
 
 def long_job(number: int, n: int = 1) -> dict[str, Any]:
@@ -116,16 +131,21 @@ def aborted_tokens(log: str, job_id: str) -> int | None:
 def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
     endpoint: EndpointProcess,
 ) -> None:
-    jobs = [submit(endpoint, long_job(number)) for number in range(20)]
+    """20 jobs at once: 10 that cannot end by themselves are cancelled once each is seen
+    running; the 10 others complete."""
+    jobs = [
+        submit(endpoint, endless_job(number) if number % 2 else long_job(number))
+        for number in range(20)
+    ]
+    endless, to_finish = jobs[1::2], jobs[0::2]
     # RunPod's execution timeout stops a job through the same channel as a cancel.
     timed = requests.post(
         f"{endpoint.url}/run",
         json={"input": long_job(20, n=2), "policy": {"executionTimeout": 5000}},
         timeout=10,
     ).json()["id"]
-    # Each of the first 10 seen running is cancelled as soon as it is seen.
-    to_cancel = running_jobs(endpoint, jobs, 10, lambda job_id: cancel(endpoint, job_id))
-    to_finish = [job_id for job_id in jobs if job_id not in to_cancel]
+    to_cancel = running_jobs(endpoint, endless, 10, lambda job_id: cancel(endpoint, job_id))
+    assert sorted(to_cancel) == sorted(endless)
 
     finished = wait_all(endpoint, to_finish, {"COMPLETED"})
     for body in finished.values():
@@ -133,7 +153,7 @@ def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
         assert final["finish_reason"] == ["length"]
         assert final["usage"]["completion_tokens"] == LONG_TOKENS
 
-    # Each cancelled job's vLLM request was aborted, long before it could have ended.
+    # Each cancelled job's vLLM request was aborted.
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while any(aborted_tokens(endpoint.log(), job_id) is None for job_id in to_cancel):
         endpoint.check_alive()
@@ -141,10 +161,7 @@ def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
         time.sleep(0.2)
     log = endpoint.log()
     at_abort = sorted(aborted_tokens(log, job_id) or 0 for job_id in to_cancel)
-    # None ran to its end, most stopped early. (Not all: on 2 loaded cores a cancel can
-    # reach the endpoint seconds after the test sent it; seen once: 1704 tokens.)
-    assert at_abort[-1] < LONG_TOKENS, at_abort
-    assert at_abort[len(at_abort) // 2] < LONG_TOKENS / 2, at_abort
+    assert at_abort[-1] < ENDLESS_TOKENS, at_abort
     for job_id in to_cancel:  # aborted once the SDK stopped it, not before
         assert log.index(f"| {job_id} | Stopping job.") < log.index(f"request {job_id}-")
     for job_id in to_cancel:
@@ -172,21 +189,17 @@ def test_sigterm_aborts_the_jobs_left_after_the_grace_period_and_exits_0(
     endpoint: EndpointProcess,
 ) -> None:
     """Runs last in the module's endpoint: it stops its worker (grace period 1 s)."""
-    jobs = [submit(endpoint, long_job(number, n=4)) for number in range(4)]
+    jobs = [submit(endpoint, endless_job(number, n=2)) for number in range(4)]
     running_jobs(endpoint, jobs, 1, lambda _job_id: True)
     os.kill(endpoint.worker_pid, signal.SIGTERM)
     bodies = wait_all(endpoint, jobs, FINAL)
     log = endpoint.log()
     for job_id, body in bodies.items():
-        if body["status"] == "COMPLETED":  # it ended before the grace period did
-            assert body["output"][-1]["usage"]["completion_tokens"] == 4 * LONG_TOKENS
-            continue
         assert body["status"] == "FAILED", body
         assert body["error"].startswith("engine_error: the worker is shutting down (SIGTERM)")
         assert "SHUTDOWN_GRACE_SECONDS" in body["error"]
         tokens = aborted_tokens(log, job_id)
-        assert tokens is not None and tokens < 4 * LONG_TOKENS, (job_id, tokens)
-    assert any(body["status"] == "FAILED" for body in bodies.values())
+        assert tokens is not None and tokens < 2 * ENDLESS_TOKENS, (job_id, tokens)
     print(f"SIGTERM, 1 s grace: {sorted(body['status'] for body in bodies.values())}")
     # The worker exits 0 once they are posted; the endpoint, left without it, stops.
     assert endpoint.proc.wait(STOP_TIMEOUT_S) == 1
