@@ -200,7 +200,9 @@ def _production_env(base: dict[str, str], platform: Platform) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "DTYPE": "float32",
-            "MAX_MODEL_LEN": "512",
+            # Room for the SIGTERM test's long job: positions past the tiny model's 2048.
+            "MAX_MODEL_LEN": "4096",
+            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
             "KV_CACHE_MEMORY_BYTES": str(128 * 2**20),
             "ENFORCE_EAGER": "true",
             "MAX_CONCURRENCY": str(MAX_CONCURRENCY),
@@ -464,10 +466,12 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     """
     assert worker.proc is not None
     prompt = "A long answer, please:"
-    # 16 x 480 tokens: seconds of generation however fast the machine (MAX_MODEL_LEN 512).
+    # 8 x 3,500 tokens: half a minute of generation at the tiny model's fastest, longer
+    # than the loopback stalls of these machines (seconds), which can delay the platform's
+    # view of the first chunk: the job is still in flight when SIGTERM comes.
     job_input = {
         "prompt": prompt,
-        "sampling_params": {"n": 16, "max_tokens": 480, "ignore_eos": True},
+        "sampling_params": {"n": 8, "max_tokens": 3500, "ignore_eos": True},
     }
     (job_id,) = platform.enqueue({"id": "at-sigterm", "input": job_input})
     platform.wait_until(
@@ -483,7 +487,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     # It really was in flight: the worker says so (its own log, its own order of events).
     assert "stop signal: taking no more jobs; 1 in flight" in worker.log()
     assert_streamed_output(
-        record, prompt=prompt, n=16, max_tokens=480, prompt_tokens=count_prompt_tokens(prompt)
+        record, prompt=prompt, n=8, max_tokens=3500, prompt_tokens=count_prompt_tokens(prompt)
     )
     assert worker.proc.wait(STOP_TIMEOUT_S) == 0
     print(f"worker exited {time.monotonic() - signalled_at:.1f} s after SIGTERM")
