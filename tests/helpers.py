@@ -140,3 +140,17 @@ def sentencepiece_llama_tokenizer(
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy)
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+# The arguments of the tool-calling tests' weather function: bounded, and letters only,
+# because the random tiny model would otherwise write one endless string, with raw control
+# characters (grammar-valid, not JSON).
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint, submit, wait_final
-from helpers import lora_modules
+from helpers import WEATHER_PARAMETERS, lora_modules
 
 API_KEY = "test-key"
 MESSAGES: list[Any] = [
@@ -291,17 +291,7 @@ WEATHER = {
         "description": "The weather forecast of a city.",
         # Structured output pins the arguments to the schema (vLLM's TOOL_STRICT_LEVEL=auto).
         "strict": True,
-        "parameters": {
-            "type": "object",
-            # Bounded, and letters only: the random tiny model would otherwise write one
-            # endless string, with raw control characters (grammar-valid, not JSON).
-            "properties": {
-                "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
+        "parameters": WEATHER_PARAMETERS,
     },
 }
 ASK = [{"role": "user", "content": "What will the weather be in Paris?"}]

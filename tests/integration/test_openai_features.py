@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from helpers import WEATHER_PARAMETERS
 from vllm_worker.engine import Engine
 from vllm_worker.errors import SettingsError
 from vllm_worker.openai_input import CHAT, RESPONSES, served_model_name
@@ -18,16 +19,7 @@ from vllm_worker.startup import build
 
 Run = Callable[..., Any]
 ASK = [{"role": "user", "content": "What will the weather be in Paris?"}]
-PARAMETERS = {
-    "type": "object",
-    # Bounded and printable: the random tiny model writes the rest.
-    "properties": {
-        "city": {"type": "string", "pattern": "^[A-Za-z ]{1,20}$"},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
+PARAMETERS = WEATHER_PARAMETERS
 # No `strict`: only TOOL_STRICT_LEVEL=parameter pins its arguments.
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": PARAMETERS}}
 
