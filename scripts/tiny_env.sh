@@ -10,4 +10,7 @@ export DTYPE="${DTYPE:-float32}"
 export MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}"
 export KV_CACHE_MEMORY_BYTES="${KV_CACHE_MEMORY_BYTES:-268435456}"
 export ENFORCE_EAGER="${ENFORCE_EAGER:-true}"
+# vLLM's CPU build otherwise runs the model in a third process (its "mp" executor): with
+# 0 it runs in the EngineCore process, as on one GPU, and the engine starts ~10 s sooner.
+export VLLM_ENABLE_V1_MULTIPROCESSING="${VLLM_ENABLE_V1_MULTIPROCESSING:-0}"
 export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true

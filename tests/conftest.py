@@ -10,6 +10,12 @@ import pytest
 from helpers import TINY_ENGINE_ENV
 from vllm_worker.tiny_model import build, build_adapter
 
+# vLLM's CPU build runs its model in a third process (the "mp" executor) unless this is 0;
+# then it runs in the EngineCore process, as the CUDA build does with one GPU. The real
+# engine still runs: only the process split changes, which starts each engine about 10 s
+# sooner and spares the machine that process's busy-polling. Worker subprocesses inherit it.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
 # The image checks build and run Docker images: only scripts/test_image.sh runs them.
 collect_ignore = [] if os.environ.get("VLLM_WORKER_IMAGE_CHECKS") else ["image"]
 
