@@ -175,6 +175,16 @@ class Endpoint:
             time.sleep(0.2)
         return body
 
+    def until_streaming(self, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+        """Until the job's first chunk is on the endpoint: its handler runs in the worker.
+        (``IN_PROGRESS`` alone only says a take answered with it: the worker may not have
+        started the job yet when a stall delays it.)"""
+        deadline = time.monotonic() + timeout_s
+        while not (body := self.get(f"/stream/{job_id}"))["stream"]:
+            assert body["status"] in {"IN_QUEUE", "IN_PROGRESS"}, body
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
@@ -319,7 +329,7 @@ def test_production_a_cancel_ends_cancelled(endpoint: Endpoint, worker: Containe
     job_id = endpoint.submit(
         {"prompt": "Long:", "sampling_params": {"n": 4, "max_tokens": 2000, "ignore_eos": True}}
     )
-    endpoint.until(job_id, {"IN_PROGRESS"})  # the worker took it: it runs
+    endpoint.until_streaming(job_id)  # its first chunk is out: it runs in the worker
     assert endpoint.post(f"/cancel/{job_id}")["status"] == "CANCELLED"
     deadline = time.monotonic() + 60
     while not re.search(rf"request {job_id}-\w+ aborted after \d+ tokens", worker.logs()):
@@ -360,7 +370,7 @@ def test_docker_stop_lets_the_running_job_end_within_the_grace_period(
     job_id = endpoint.submit(
         {"prompt": "Long:", "sampling_params": {"n": 8, "max_tokens": 2000, "ignore_eos": True}}
     )
-    endpoint.until(job_id, {"IN_PROGRESS"})  # the worker took it: it runs
+    endpoint.until_streaming(job_id)  # its first chunk is out: it runs in the worker
     started = time.monotonic()
     docker("stop", worker.name, timeout=60)  # SIGTERM, SIGKILL after Docker's 10 s
     stopped_s = time.monotonic() - started
