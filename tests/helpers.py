@@ -29,6 +29,13 @@ TINY_ENGINE_ENV = {
     "STREAM_INTERVAL_GROWTH": "0",  # with the above: a chunk per engine output
 }
 
+# Jobs a test stops (cancel, SIGTERM, docker stop) before they end: 30,000 tokens per
+# sequence take a minute or more whatever the machine's speed and however long it stalls
+# (seconds, seen on these 2-core machines while the engine runs). They need positions past
+# the tiny model's 2,048, which LONG_CONTEXT_ENV gives the worker.
+ENDLESS_TOKENS = 30_000
+LONG_CONTEXT_ENV = {"MAX_MODEL_LEN": "32768", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+
 _job_numbers = itertools.count()
 
 

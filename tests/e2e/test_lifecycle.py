@@ -34,7 +34,7 @@ from endpoint_process import (
     status,
     submit,
 )
-from helpers import REPO_ROOT, group_members
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, REPO_ROOT, group_members
 from production_worker import WorkerProcess
 from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job
@@ -52,16 +52,9 @@ def endpoint(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EndpointProcess]:
     workdir = tmp_path_factory.mktemp("lifecycle")
-    settings = QUIETER | {"SHUTDOWN_GRACE_SECONDS": "1"} | LONGER
+    settings = QUIETER | {"SHUTDOWN_GRACE_SECONDS": "1"} | LONG_CONTEXT_ENV
     with start_endpoint(worker_env, workdir, settings) as process:
         yield process
-
-
-# Jobs a test stops (cancel, SIGTERM) are too long to end by themselves, whatever the
-# machine's speed and however long the loopback stalls (seconds, seen on these 2-core
-# machines while the engine runs): positions past the tiny model's 2048.
-ENDLESS_TOKENS = 30_000
-LONGER = {"MAX_MODEL_LEN": "32768", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
 
 
 def endless_job(number: int, n: int = 1) -> dict[str, Any]:
@@ -283,13 +276,6 @@ def test_an_engine_that_cannot_start_exits_1_at_once_with_one_line(
     assert "job-take" not in result.stderr
 
 
-# The admission test's engine stays full until the test cancels its jobs: jobs too long
-# to end by themselves whatever the machine's speed (the tiny model may take positions
-# past its 2048 with VLLM_ALLOW_LONG_MAX_MODEL_LEN).
-FULL_MODEL_LEN = 32768
-FULL_JOB_TOKENS = 30000
-
-
 def test_a_full_engine_takes_no_new_job_until_it_has_room(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -305,8 +291,7 @@ def test_a_full_engine_takes_no_new_job_until_it_has_room(
         settings = {
             "MAX_NUM_SEQS": "2",
             "MAX_CONCURRENCY": "8",
-            "MAX_MODEL_LEN": str(FULL_MODEL_LEN),
-            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+            **LONG_CONTEXT_ENV,  # its jobs cannot end before the test cancels them
         }
         env = build_env({**worker_env, **QUIETER, **settings}, endpoint.worker_env("full"))
         worker = WorkerProcess(env, tmp_path, tmp_path / "worker.log")
@@ -338,7 +323,7 @@ def _check_admission(endpoint: ThreadedEndpoint, worker: WorkerProcess) -> None:
 
     until(lambda: endpoint.call(lambda store: bool(store.workers)), "the worker's first poll")
     # Two jobs of 2 sequences each: the first fills the engine, the second waits in it.
-    endless = {"n": 2, "max_tokens": FULL_JOB_TOKENS, "ignore_eos": True}
+    endless = {"n": 2, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}
     first, second = (
         submit_job({"prompt": f"Job {number}: a story", "sampling_params": endless})
         for number in range(2)

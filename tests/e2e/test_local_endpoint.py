@@ -33,7 +33,7 @@ from endpoint_process import (
     submit,
     wait_final,
 )
-from helpers import group_members
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, group_members
 from vllm_worker.client import DeltaTracker, EndpointClient, EndpointError
 
 SEED_PROMPT = (
@@ -44,10 +44,7 @@ SEED_FLOW_TOKENS = 2000  # the seed's flow within the tiny model's own 2048 posi
 # Jobs that run seconds (4 x 2000 tokens), to completion.
 LONG_INPUT = {"n": 4, "max_tokens": 2000, "ignore_eos": True}
 LONG_STORY = {"prompt": "A long story:", "sampling_params": LONG_INPUT}
-# Jobs that must still run when the test looks, which then cancels them: 2 x 30,000 tokens
-# take a minute or more whatever the machine's speed, and whatever stalls the loopback
-# (seconds, seen on these 2-core machines while the engine runs).
-ENDLESS_TOKENS = 30_000
+# Jobs that must still run when the test looks, which then cancels them.
 ENDLESS_INPUT = {"n": 2, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}
 
 
@@ -58,9 +55,9 @@ ENDLESS_INPUT = {"n": 2, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}
 def endpoint(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EndpointProcess]:
-    # Room for ENDLESS_INPUT: positions past the tiny model's 2048 (its KV cache holds 64k).
-    longer = {"MAX_MODEL_LEN": "32768", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-    with start_endpoint(worker_env, tmp_path_factory.mktemp("local-endpoint"), longer) as process:
+    # Room for ENDLESS_INPUT (the tiny engine's KV cache holds 64k tokens).
+    folder = tmp_path_factory.mktemp("local-endpoint")
+    with start_endpoint(worker_env, folder, LONG_CONTEXT_ENV) as process:
         yield process
 
 

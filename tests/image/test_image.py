@@ -35,6 +35,7 @@ import pytest
 import requests
 
 from fake_hub import FakeHub
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV
 from image_support import (
     FIGURES,
     REPO_ID,
@@ -56,11 +57,10 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # getting the cancel or the stop. The worker serves 32,768 positions for it.
 ENDLESS_INPUT = {
     "prompt": "Long:",
-    "sampling_params": {"n": 4, "max_tokens": 30_000, "ignore_eos": True},
+    "sampling_params": {"n": 4, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True},
 }
 LONG_CONTEXT = {
-    "MAX_MODEL_LEN": "32768",
-    "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",  # the tiny model has 2,048 positions
+    **LONG_CONTEXT_ENV,
     "KV_CACHE_MEMORY_BYTES": str(512 * 2**20),  # 4 x 30,000 tokens at 2 KB each
 }
 
