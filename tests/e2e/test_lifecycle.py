@@ -134,7 +134,7 @@ def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
     # RunPod's execution timeout stops a job through the same channel as a cancel.
     timed = requests.post(
         f"{endpoint.url}/run",
-        json={"input": long_job(20, n=2), "policy": {"executionTimeout": 5000}},
+        json={"input": endless_job(20, n=2), "policy": {"executionTimeout": 5000}},
         timeout=60,
     ).json()["id"]
     to_cancel = running_jobs(endpoint, endless, 10, lambda job_id: cancel(endpoint, job_id))
@@ -162,20 +162,16 @@ def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
         assert f"job {job_id} done:" not in log  # the handler never finished it
     print(f"cancelled jobs: tokens generated when their requests were aborted: {at_abort}")
 
-    timed_body = wait_all(endpoint, [timed], FINAL)[timed]
-    if timed_body["status"] == "COMPLETED":  # a machine fast enough to write 4k tokens in 5 s
-        print("the execution-timeout job finished within 5 s: nothing to stop")
-        return
-    assert timed_body["status"] == "TIMED_OUT"
+    # The timed job cannot end by itself within its 5 s, whatever the machine's speed.
+    assert wait_all(endpoint, [timed], FINAL)[timed]["status"] == "TIMED_OUT"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while (tokens := aborted_tokens(endpoint.log(), timed)) is None:
-        if f"job {timed} done:" in endpoint.log():  # its last token came with the timeout
-            print("the execution-timeout job ended as it timed out: nothing to stop")
-            return
+        endpoint.check_alive()
         assert time.monotonic() < deadline, endpoint.log_tail()
         time.sleep(0.2)
-    assert tokens < 2 * LONG_TOKENS
-    print(f"timed-out job: {tokens} of {2 * LONG_TOKENS} tokens when it was aborted")
+    assert tokens < 2 * ENDLESS_TOKENS
+    assert f"job {timed} done:" not in endpoint.log()
+    print(f"timed-out job: {tokens} of {2 * ENDLESS_TOKENS} tokens when it was aborted")
 
 
 def test_sigterm_aborts_the_jobs_left_after_the_grace_period_and_exits_0(
@@ -213,30 +209,26 @@ def engine_core(worker_pid: int) -> int:
 def test_killing_the_engine_fails_the_jobs_in_flight_and_the_worker_exits_1(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    with start_endpoint(worker_env, tmp_path_factory.mktemp("engine-death"), QUIETER) as endpoint:
-        jobs = [submit(endpoint, long_job(number, n=2)) for number in range(6)]
-        running_jobs(endpoint, jobs, 1, lambda _job_id: True)
+    """6 jobs that cannot end by themselves, each seen streaming: the engine's process is
+    killed, and every one of them ends FAILED with the engine's error."""
+    workdir = tmp_path_factory.mktemp("engine-death")
+    with start_endpoint(worker_env, workdir, QUIETER | LONG_CONTEXT_ENV) as endpoint:
+        jobs = [submit(endpoint, endless_job(number, n=2)) for number in range(6)]
+        assert sorted(running_jobs(endpoint, jobs, 6, lambda _job_id: True)) == sorted(jobs)
         os.kill(engine_core(endpoint.worker_pid), signal.SIGKILL)
         killed_at = time.monotonic()
         bodies = wait_all(endpoint, jobs, FINAL)
         failed_after = time.monotonic() - killed_at
         for body in bodies.values():
-            if body["status"] == "COMPLETED":  # it ended before the kill
-                assert body["output"][-1]["usage"]["completion_tokens"] == 2 * LONG_TOKENS
-                continue
             assert body["status"] == "FAILED", body
             assert body["error"] == (
                 "engine_error: the engine stopped (its process died); this worker exits and "
                 "is replaced: retry the job"
             )
-        failed = sum(body["status"] == "FAILED" for body in bodies.values())
-        assert failed >= 1
         # It takes no more jobs and exits non-zero; the endpoint, left without it, stops.
         assert endpoint.proc.wait(STOP_TIMEOUT_S) == 1
         assert "the worker exited with code 1; 0 jobs in progress failed" in endpoint.log()
-        print(
-            f"engine killed: {failed} of 6 jobs in flight, all FAILED within {failed_after:.1f} s"
-        )
+        print(f"engine killed: 6 jobs in flight, all FAILED within {failed_after:.1f} s")
 
 
 def test_an_engine_that_cannot_start_exits_1_at_once_with_one_line(
