@@ -189,7 +189,7 @@ def test_the_first_chunk_can_be_read_while_the_job_runs(endpoint: EndpointProces
                 if not texts:
                     figures.append(time.monotonic() - started)
                     texts.append(text)
-                elif len(text) > len(texts[0]):  # an incomplete UTF-8 byte adds nothing yet
+                elif len(text) > len(texts[0]):  # a token may add no text yet (part of a character)
                     texts.append(text)
             assert time.monotonic() < deadline
             time.sleep(0.01)
