@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from helpers import REPO_ROOT, group_members
+from vllm_worker.local_endpoint.process import own_process_group
 
 HANDLER = REPO_ROOT / "src" / "handler.py"
 STOP_TIMEOUT_S = 30.0  # SIGTERM -> exit, before SIGKILL
@@ -40,8 +41,8 @@ class WorkerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own process group: vLLM's EngineCore and Worker processes are killed
-                # with it and never outlive the test.
-                start_new_session=True,
+                # with it and never outlive the test. In this session: own_process_group.
+                **own_process_group(),
             )
         self.started_at = time.monotonic()
 
@@ -71,7 +72,7 @@ class WorkerProcess:
         """
         if self.proc is None:
             return None, []
-        pgid = self.proc.pid  # start_new_session: the group is named after the leader
+        pgid = self.proc.pid  # a group of its own is named after its leader
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from vllm_worker.local_endpoint import EndpointConfig, StoreLimits, ThreadedEndpoint
-from vllm_worker.local_endpoint.process import build_env
+from vllm_worker.local_endpoint.process import build_env, own_process_group
 
 WORKER = "scripted-worker"
 
@@ -279,7 +279,7 @@ def run_cli(*args: str, stop_once: str | None = None) -> tuple[int, str]:
         [sys.executable, "-m", "vllm_worker.local_endpoint", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        **own_process_group(),
     )
     try:
         early = b""
@@ -326,7 +326,7 @@ def test_the_worker_dies_with_a_killed_endpoint(tmp_path: Path) -> None:
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            **own_process_group(),
         )
     worker_pid = 0
     try:

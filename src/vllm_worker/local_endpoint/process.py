@@ -1,6 +1,7 @@
 """The worker the endpoint runs: ``python -u src/handler.py`` in production mode.
 
-It runs in its own process group (vLLM's engine processes are its children), gets
+It runs in its own process group, in the endpoint's session (vLLM's engine processes are
+its children; ``own_process_group`` says why not a session of its own), gets
 SIGTERM when the endpoint's process dies (Linux), and is stopped as RunPod stops a
 worker: SIGTERM (the SDK finishes the jobs in flight and exits), then SIGKILL to the
 whole group after a grace period.
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,20 @@ _DROP = {
     "RUNPOD_API_KEY",
     "RUNPOD_ENDPOINT_ID",
 }
+
+
+def own_process_group() -> dict[str, Any]:
+    """``subprocess.Popen`` arguments: a process group of its own, in the caller's session.
+
+    A group of its own lets ``os.killpg`` stop a worker with vLLM's engine processes. Not a
+    session of its own (``start_new_session``): with the kernel's scheduler autogroups (on
+    by default), a session is one scheduling group, and while vLLM's CPU engine keeps both
+    cores of a small machine busy, that group held every other process off the cores for
+    seconds, loopback's packet delivery included: streams stalled for up to 17 s.
+    """
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # pragma: no cover (Python 3.10)
 
 
 def default_command() -> list[str]:
@@ -79,7 +95,7 @@ class WorkerProcess:
             env=self.env,
             stdin=subprocess.DEVNULL,
             # Its output goes where the endpoint's goes: the user sees the worker's log.
-            start_new_session=True,
+            **own_process_group(),
         )
         self.started_at = time.monotonic()
         log.info("worker started: pid %d: %s", self.proc.pid, " ".join(self.command))
