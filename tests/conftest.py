@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from helpers import TINY_ENGINE_ENV
+from vllm_worker.local_endpoint import stall
 from vllm_worker.tiny_model import build, build_adapter
 
 # vLLM's CPU build runs its model in a third process (the "mp" executor) unless this is 0;
@@ -66,3 +68,30 @@ def worker_env(tiny_model_dir: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+class _StallFigures(logging.Handler):
+    """Collects the local endpoints' stall warnings (in-process endpoints, and those the
+    harness and the image checks read back from their subprocess endpoints' logs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.figures: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.figures.extend(stall.stalls_in(record.getMessage()))
+
+
+STALLS = _StallFigures()
+logging.getLogger(stall.__name__).addHandler(STALLS)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line on how often a local endpoint's event loop was held off for a second or
+    more: a run that timed out says whether the machine stalled."""
+    figures = STALLS.figures
+    longest = f", longest {max(figures):.2f} s" if figures else ""
+    terminalreporter.write_line(
+        f"local endpoint stalls (event loop woke >= {stall.WARN_AFTER_S:.0f} s late): "
+        f"{len(figures)}{longest}"
+    )

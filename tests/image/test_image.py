@@ -46,6 +46,8 @@ from image_support import (
     env_options,
     readme_run_options,
 )
+from vllm_worker.local_endpoint import stall
+from vllm_worker.local_endpoint.process import own_process_group
 
 JOB_TIMEOUT_S = 180.0
 START_TIMEOUT_S = 300.0
@@ -209,7 +211,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
             [sys.executable, "-m", "vllm_worker.local_endpoint", "--no-worker", "--port", "0"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            **own_process_group(),
         )
     try:
         deadline = time.monotonic() + 30
@@ -223,6 +225,9 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     finally:
         proc.terminate()
         proc.wait(30)
+        # Whether the container starved the host's endpoint: into the run's stall summary.
+        for late_s in stall.stalls_in(log_path.read_text()):
+            stall.report(late_s, where="the image checks' endpoint")
 
 
 class Container:

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_worker.local_endpoint import stall
+from vllm_worker.local_endpoint.process import own_process_group
+
 START_TIMEOUT_S = 600.0  # until the worker polls for jobs (another engine may be starting)
 STOP_TIMEOUT_S = 150.0  # after SIGTERM, before SIGKILL (the endpoint gives its worker 90 s)
 
@@ -40,7 +43,10 @@ class EndpointProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
+        """The log's last lines, and every stall it reported (they explain a time-out)."""
+        tail = self.log().splitlines()[-lines:]
+        stalls = [f"{late:.2f} s" for late in stall.stalls_in(self.log())]
+        return "\n".join([*tail, f"(stalls of its event loop: {', '.join(stalls) or 'none'})"])
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -54,7 +60,9 @@ class EndpointProcess:
         while not (match := re.search(pattern, self.log())):
             self.check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no {pattern!r} in the endpoint's log after {timeout_s} s")
+                raise TimeoutError(
+                    f"no {pattern!r} in the endpoint's log after {timeout_s} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
         return match
 
@@ -69,6 +77,8 @@ class EndpointProcess:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT_S)
+        for late_s in stall.stalls_in(self.log()):  # into this process's log (and pytest's)
+            stall.report(late_s, where="a local endpoint subprocess's event loop")
         for group in (self.proc.pid, self.worker_pid):
             if group:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -108,7 +118,8 @@ def running_endpoint(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # Its group is killed whole on exit; in this session: see own_process_group.
+            **own_process_group(),
         )
     endpoint = EndpointProcess(proc, log_path)
     if api_key:
@@ -129,5 +140,7 @@ def _until_the_worker_polls(endpoint: EndpointProcess, timeout_s: float) -> None
     while sum(endpoint.health()["workers"][state] for state in ("idle", "running")) < 1:
         endpoint.check_alive()
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the worker did not poll for jobs in {timeout_s} s")
+            raise TimeoutError(
+                f"the worker did not poll for jobs in {timeout_s} s:\n{endpoint.log_tail()}"
+            )
         time.sleep(0.2)

@@ -19,6 +19,7 @@ from vllm_worker.local_endpoint import public_api, worker_api
 from vllm_worker.local_endpoint.context import Context, EndpointConfig
 from vllm_worker.local_endpoint.jobs import JobStore
 from vllm_worker.local_endpoint.process import WorkerProcess, build_env
+from vllm_worker.local_endpoint.stall import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class LocalEndpoint:
         self._ctx: Context | None = None
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self.stall_watch = StallWatch()
+        self._stall_task: asyncio.Task[None] | None = None
         self.port = self.config.port
 
     @property
@@ -74,16 +77,18 @@ class LocalEndpoint:
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self._reaper = asyncio.create_task(self._reap())
+        self._stall_task = asyncio.create_task(self.stall_watch.run())
 
     async def stop(self) -> None:
         """Answer every held poll and waiting /runsync now, then close the server."""
         if self._runner is None:
             return
         self.ctx.drain()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._stall_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._runner.cleanup()
         self._runner = None
 
