@@ -18,10 +18,17 @@ Both sides run the same engine settings, one after the other, in one run:
 Measured: one job at a time (first chunk, p50 of ``--single-jobs``); ``--batch`` jobs at
 once (first chunk p50, tokens/s); a job that arrives while the worker holds as many jobs as
 ``MAX_CONCURRENCY`` allows (its take after the first job-done post, which frees the room);
-and the freshness of a long job at the default coalescing, read by the seed's client (a GET
+the freshness of a long job at the default coalescing, read by the seed's client (a GET
 ``/stream`` every second, over HTTP): the share of polls with new text, the longest gap
-between two posts, and the bytes posted over the final text's. Results: a table on stdout
-and ``<output>/<date>-production-<label>.json``.
+between two posts, and the bytes posted over the final text's; and ``--cancels`` running
+jobs cancelled one after the other: from the stop reaching the worker (its job-stop poll
+answered) to its last stream post for the job, and to the request's abort in the engine
+(the worker's log). Results: a table on stdout and
+``<output>/<date>-production-<label>.json``.
+
+The worker runs in this process's session, in a process group of its own
+(``own_process_group``); ``--new-session`` starts it in a session of its own instead, to
+see the scheduler stall that causes on a small machine.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -67,6 +75,7 @@ TARGETS = {
     "taken_after_room_ms": 50.0,  # a job waiting for a full worker
     "fresh_polls_share": 0.90,  # the 1 s poller's polls that bring new text
     "longest_gap_s": 1.5,
+    "cancel_to_last_post_max_s": 1.0,  # nothing streamed later than this after a cancel
 }
 
 
@@ -75,15 +84,21 @@ class Plan:
     single_jobs: int = 5
     batch: int = 32
     max_tokens: int = 256
-    # The freshness job: seconds of generation on the tiny model, within its 2048 positions.
-    long_tokens: int = 2000
-    long_n: int = 3
+    # The freshness job (and each cancelled one): tens of seconds on the tiny model, at
+    # most the engine's context (MAX_MODEL_LEN) allows.
+    long_tokens: int = 7000
+    long_n: int = 2
     poll_every_s: float = 1.0
+    cancels: int = 10
 
     @classmethod
     def quick(cls) -> Plan:
         """The CI smoke run's: fewer, shorter jobs."""
-        return cls(single_jobs=3, batch=4, max_tokens=32, long_tokens=500)
+        return cls(single_jobs=3, batch=4, max_tokens=32, long_tokens=500, cancels=2)
+
+    def long_job_tokens(self, env: dict[str, str]) -> int:
+        """``long_tokens``, within the context the engine was given (the prompt beside)."""
+        return min(self.long_tokens, int(env.get("MAX_MODEL_LEN", "2048")) - 200)
 
 
 def engine_env(model: str, plan: Plan) -> dict[str, str]:
@@ -91,7 +106,9 @@ def engine_env(model: str, plan: Plan) -> dict[str, str]:
     return {
         "MODEL_NAME": model,
         "DTYPE": "float32",
-        "MAX_MODEL_LEN": "2048",
+        # Past the tiny model's 2,048 positions, for a freshness job of tens of seconds.
+        "MAX_MODEL_LEN": "8192",
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
         "KV_CACHE_MEMORY_BYTES": str(512 * 2**20),
         "ENFORCE_EAGER": "true",
         "MAX_CONCURRENCY": str(plan.batch),
@@ -114,6 +131,8 @@ def measure_raw(env: dict[str, str], plan: Plan) -> dict[str, Any]:
     from vllm_worker.engine import Engine
     from vllm_worker.settings import Settings
 
+    # vLLM reads its own variables (VLLM_ALLOW_LONG_MAX_MODEL_LEN) from the environment.
+    os.environ.update({name: value for name, value in env.items() if name.startswith("VLLM_")})
     engine = Engine.start(Settings.from_env(env))
     try:
         return asyncio.run(raw_cells(engine, plan))
@@ -200,11 +219,12 @@ class Platform:
 
 @contextmanager
 def production_worker(
-    env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT
+    env: dict[str, str], log_path: Path, tree: Path = REPO_ROOT, *, new_session: bool = False
 ) -> Iterator[tuple[Platform, Any]]:
-    """The worker of the checkout ``tree`` (its ``src/``) against a loopback job API."""
+    """The worker of the checkout ``tree`` (its ``src/``) against a loopback job API; in a
+    session of its own with ``new_session`` (to see the stall that causes)."""
     from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
-    from vllm_worker.local_endpoint.process import build_env
+    from vllm_worker.local_endpoint.process import build_env, own_process_group
 
     with ThreadedEndpoint(EndpointConfig(port=0)) as endpoint, log_path.open("wb") as log:
         worker_env = build_env({**os.environ, **env}, endpoint.worker_env("bench"))
@@ -215,7 +235,8 @@ def production_worker(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # Killed whole by its group; in this session: see own_process_group.
+            **({"start_new_session": True} if new_session else own_process_group()),
         )
         platform = Platform(endpoint)
         try:
@@ -231,9 +252,14 @@ def production_worker(
 
 
 def measure_worker(
-    env: dict[str, str], plan: Plan, log_path: Path, tree: Path = REPO_ROOT
+    env: dict[str, str],
+    plan: Plan,
+    log_path: Path,
+    tree: Path = REPO_ROOT,
+    *,
+    new_session: bool = False,
 ) -> dict[str, Any]:
-    with production_worker(env, log_path, tree) as (platform, worker):
+    with production_worker(env, log_path, tree, new_session=new_session) as (platform, worker):
         job = {"prompt": "", "sampling_params": sampling(plan.max_tokens)}
         warm = [{**job, "prompt": prompt} for prompt in prompts(4, "Warm-up")]
         platform.until_done(platform.enqueue(warm), worker)
@@ -260,7 +286,10 @@ def measure_worker(
             "taken_after_room_ms": (late.started_at - room_at) * 1000,
             "late_job_waited_ms": (late.started_at - late.submitted_at) * 1000,
         }
-        result["freshness"] = _freshness(platform, worker, plan)
+        long_tokens = plan.long_job_tokens(env)
+        result["freshness"] = _freshness(platform, worker, plan, long_tokens)
+        result["cancels"] = _cancels(platform, worker, plan, long_tokens, log_path)
+        result["stalls_s"] = platform.endpoint.endpoint.stall_watch.stalls
     return result
 
 
@@ -268,11 +297,13 @@ def _first_post_ms(job: Any) -> float:
     return float((job.stream[0].at - job.started_at) * 1000)
 
 
-def _freshness(platform: Platform, worker: subprocess.Popen[bytes], plan: Plan) -> dict[str, Any]:
+def _freshness(
+    platform: Platform, worker: subprocess.Popen[bytes], plan: Plan, long_tokens: int
+) -> dict[str, Any]:
     """The seed's client on a long job: a GET /stream every second until it completes."""
     long_job = {
         "prompt": SEED_PROMPT,
-        "sampling_params": {**sampling(plan.long_tokens), "n": plan.long_n},
+        "sampling_params": {**sampling(long_tokens), "n": plan.long_n},
     }
     (job_id,) = platform.enqueue([long_job])
     url = f"{platform.endpoint.url}/stream/{job_id}"
@@ -298,7 +329,7 @@ def _freshness(platform: Platform, worker: subprocess.Popen[bytes], plan: Plan) 
     final_text = sum(len(text.encode()) for text in final["text"])
     streamed = sum(post_bytes(entry.output) for entry in done.stream)
     return {
-        "tokens": plan.long_tokens,
+        "tokens": long_tokens,
         "n": plan.long_n,
         "duration_s": times[-1] - done.started_at,
         "chunks": len(times),
@@ -310,6 +341,62 @@ def _freshness(platform: Platform, worker: subprocess.Popen[bytes], plan: Plan) 
         "final_text_bytes": final_text,
         "bytes_over_final_text": streamed / final_text,
     }
+
+
+def _cancels(
+    platform: Platform,
+    worker: subprocess.Popen[bytes],
+    plan: Plan,
+    long_tokens: int,
+    log_path: Path,
+) -> dict[str, Any]:
+    """Jobs cancelled once streaming, one at a time: from the stop reaching the worker to
+    its last stream post, and to the engine's abort (the worker's log, wall clock)."""
+    to_last_post, to_abort = [], []
+    for index in range(plan.cancels):
+        job = {"prompt": f"{SEED_PROMPT}Cancel {index}.", "sampling_params": sampling(long_tokens)}
+        (job_id,) = platform.enqueue([job])
+        last_post_s, abort_s = _cancel_once(platform, worker, job_id, log_path)
+        to_last_post.append(last_post_s)
+        to_abort.append(abort_s)
+    return {
+        "jobs": plan.cancels,
+        "to_last_post_s": {"p50": statistics.median(to_last_post), "max": max(to_last_post)},
+        "to_abort_s": {"p50": statistics.median(to_abort), "max": max(to_abort)},
+        "all_to_last_post_s": to_last_post,
+        "all_to_abort_s": to_abort,
+    }
+
+
+def _cancel_once(
+    platform: Platform, worker: subprocess.Popen[bytes], job_id: str, log_path: Path
+) -> tuple[float, float]:
+    """Cancels the job once it streams; seconds from the stop reaching the worker to its
+    last stream post for it (0 if none came after), and to the abort in its log."""
+    wall_minus_monotonic = time.time() - time.monotonic()  # the store's times are monotonic
+    platform.until(lambda: bool(platform.endpoint.call(lambda s: s.get(job_id).stream)), worker)
+    platform.endpoint.call(lambda store: store.cancel(job_id))
+    platform.until(lambda: _abort_logged_at(log_path, job_id) is not None, worker)
+    time.sleep(1.5)  # posts still on their way after the abort
+    (done,) = platform.jobs([job_id])
+    delivered, last_post = done.stop_delivered_at, done.last_ignored_stream_at
+    abort_at = _abort_logged_at(log_path, job_id)
+    assert delivered is not None and abort_at is not None
+    last_post_s = 0.0 if last_post is None else max(0.0, last_post - delivered)
+    return last_post_s, abort_at - (delivered + wall_minus_monotonic)
+
+
+def _abort_logged_at(log_path: Path, job_id: str) -> float | None:
+    """When the worker logged the abort of the job's request (its request ids start with
+    the job id), as a wall-clock time; None before it did."""
+    found = re.search(
+        rf"^(\S+ \S+) INFO \S+: request {re.escape(job_id)}-\w+ aborted after",
+        log_path.read_text(errors="replace"),
+        re.MULTILINE,
+    )
+    if found is None:
+        return None
+    return datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 # --- report -------------------------------------------------------------------------------
@@ -326,6 +413,7 @@ def evaluate(raw: dict[str, Any], worker: dict[str, Any]) -> dict[str, dict[str,
         "taken_after_room_ms": worker["taken_after_room_ms"],
         "fresh_polls_share": fresh["fresh_polls_share"],
         "longest_gap_s": fresh["longest_gap_s"],
+        "cancel_to_last_post_max_s": worker["cancels"]["to_last_post_s"]["max"],
     }
     at_least = {"batch_tokens_per_s_ratio", "fresh_polls_share"}
     return {
@@ -352,6 +440,7 @@ def format_report(production: dict[str, Any]) -> str:
     """The raw engine beside the worker, the freshness line, the targets."""
     raw, worker = production["raw"], production["worker"]
     fresh, batch = worker["freshness"], production["parameters"]["batch"]
+    cancels, stalls = worker["cancels"], worker["stalls_s"]
     rows: list[list[Any]] = [
         ["one job at a time: first chunk p50 (ms)"]
         + [side["single_first_chunk_ms"]["p50"] for side in (raw, worker)],
@@ -376,8 +465,14 @@ def format_report(production: dict[str, Any]) -> str:
             f"new text; longest gap {fresh['longest_gap_s']:.2f} s; {fresh['chunks']} chunks, "
             f"{fresh['stream_bytes'] / 1000:.0f} kB posted = "
             f"{fresh['bytes_over_final_text']:.1f}x the final text",
+            f"{cancels['jobs']} jobs cancelled while streaming, from the stop reaching the "
+            f"worker: last post p50 {cancels['to_last_post_s']['p50']:.3f} s, max "
+            f"{cancels['to_last_post_s']['max']:.3f} s; abort in the engine p50 "
+            f"{cancels['to_abort_s']['p50']:.3f} s, max {cancels['to_abort_s']['max']:.3f} s",
+            f"stalls of the job API's event loop (woke >= 1 s late): {len(stalls)}"
+            + (f", longest {max(stalls):.2f} s" if stalls else ""),
             "",
-            table(["target (issue 12)", "value", "target", "verdict"], targets),
+            table(["target", "value", "target", "verdict"], targets),
         ]
     )
 
@@ -396,9 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=REPO_ROOT,
         help="a checkout whose src/ runs as the worker (e.g. an older commit, to compare)",
     )
+    parser.add_argument("--cpus", help="run everything on these CPUs (e.g. 1)")
     parser.add_argument(
-        "--cpus",
-        help="run everything on these CPUs (e.g. 1): see the README on loopback stalls",
+        "--new-session",
+        action="store_true",
+        help="start the worker in a session of its own, to see the scheduler stall that "
+        "causes (docs/performance.md)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the table
@@ -414,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         label += f"-cpus{args.cpus.replace(',', '_')}"
     if args.worker_tree != REPO_ROOT:
         label += f"-worker-{args.worker_tree.name}"
+    if args.new_session:
+        label += "-new-session"
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"{today:%Y-%m-%d}-{label}"
     with tempfile.TemporaryDirectory(prefix="bench-production-") as scratch:
@@ -423,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("raw engine ...", file=sys.stderr, flush=True)
         raw = measure_raw(env, plan)
         print("worker in production mode ...", file=sys.stderr, flush=True)
-        worker = measure_worker(env, plan, stem.with_suffix(".log"), args.worker_tree)
+        worker = measure_worker(
+            env, plan, stem.with_suffix(".log"), args.worker_tree, new_session=args.new_session
+        )
     report = {
         "date": today.isoformat(timespec="seconds"),
         "model": "tiny-llama (vllm_worker.tiny_model)",

@@ -172,12 +172,17 @@ def test_cancelling_a_running_job_tells_its_worker_once_and_ignores_its_posts(
     assert job.status is JobStatus.CANCELLED
     assert job.execution_ms == 2000
     assert store.has_stops(W)
+    assert job.stop_delivered_at is None
+    clock.advance(0.25)
     assert store.pop_stops(W) == [job_id]
+    assert job.stop_delivered_at == clock.now  # when the stop reached the worker
     assert store.pop_stops(W) == []
     assert not store.has_stops("another-worker")
 
     # The worker was mid-post: its chunk and its result are dropped.
+    clock.advance(0.25)
     assert store.post_stream(W, job_id, "after") is PostResult.IGNORED
+    assert job.last_ignored_stream_at == clock.now
     assert store.finish(W, job_id, {"output": ["before", "after"]}) is PostResult.IGNORED
     assert job.status is JobStatus.CANCELLED
     assert [entry.output for entry in job.stream] == ["before"]
@@ -189,7 +194,9 @@ def test_cancelling_a_running_job_tells_its_worker_once_and_ignores_its_posts(
     # job's task yet), so it is sent again.
     clock.advance(STOP_REPEAT_S)
     store.post_stream(W, job_id, "still running")
+    delivered = job.stop_delivered_at
     assert store.pop_stops(W) == [job_id]
+    assert job.stop_delivered_at == delivered  # the first delivery's time stays
     # A heartbeat that lists it does the same.
     store.ping(W, {"job_id": f"other,{job_id}", "runpod_version": "1.12.0"})
     assert store.pop_stops(W) == [job_id]

@@ -87,7 +87,9 @@ class Job:
     done_body: Any = None  # the job-done post, as the worker sent it
     done_is_stream: str | None = None
     stop_sent_at: float | None = None  # last time a stop signal was queued for the worker
+    stop_delivered_at: float | None = None  # when the worker first received it (job-stop)
     ignored_posts: int = 0  # worker posts that came after the job ended
+    last_ignored_stream_at: float | None = None  # the last job-stream post among those
     retries: int = 0
 
     @property
@@ -359,6 +361,7 @@ class JobStore:
         job = self._posted_to(worker_id, job_id, "job-stream")
         if isinstance(job, PostResult):
             if job is PostResult.IGNORED:
+                self._jobs[job_id].last_ignored_stream_at = self._clock()
                 self._repeat_stop(job_id)
             return job
         job.stream.append(StreamEntry(output=output, at=self._clock()))
@@ -399,7 +402,12 @@ class JobStore:
 
     def pop_stops(self, worker_id: str) -> list[str]:
         """The job ids the worker must stop, once each."""
-        return self._stops.pop(worker_id, [])
+        job_ids = self._stops.pop(worker_id, [])
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None and job.stop_delivered_at is None:
+                job.stop_delivered_at = self._clock()
+        return job_ids
 
     def worker_lost(self, worker_id: str, reason: str) -> list[Job]:
         """A worker died: its jobs in progress fail with ``reason``."""
