@@ -18,8 +18,9 @@ import requests
 from vllm_worker.local_endpoint.harness import EndpointProcess, running_endpoint
 
 JOB_TIMEOUT_S = 120.0
-# HTTP calls to loopback servers in tests wait up to 60 s: these 2-core VMs stall a
-# waiting process for seconds at times (10 s seen) while the engine runs.
+# HTTP calls to loopback servers in tests wait up to 10 s: an answer takes milliseconds.
+# (The worker once ran in a session of its own and stalled the machine for seconds; see
+# local_endpoint.process.own_process_group. The stall detector reports any such stall.)
 STOP_TIMEOUT_S = 150.0  # the endpoint gives its worker 90 s to shut down
 
 
@@ -67,7 +68,7 @@ def health(endpoint: EndpointProcess) -> dict[str, Any]:
 
 def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
     reply = requests.post(
-        f"{endpoint.url}/run", json={"input": job_input}, headers=endpoint.headers, timeout=60
+        f"{endpoint.url}/run", json={"input": job_input}, headers=endpoint.headers, timeout=10
     )
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -76,7 +77,7 @@ def submit(endpoint: EndpointProcess, job_input: dict[str, Any]) -> str:
 
 
 def status(endpoint: EndpointProcess, job_id: str) -> dict[str, Any]:
-    reply = requests.get(f"{endpoint.url}/status/{job_id}", headers=endpoint.headers, timeout=60)
+    reply = requests.get(f"{endpoint.url}/status/{job_id}", headers=endpoint.headers, timeout=10)
     assert reply.status_code == 200, reply.text
     return dict(reply.json())
 

@@ -97,7 +97,7 @@ def running_jobs(
     while len(chosen) < count:
         assert pending, f"only {len(chosen)} of {count} jobs were seen running"
         for job_id in list(pending):
-            seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json()
+            seen = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
             if seen["stream"] or seen["status"] in FINAL:
                 pending.remove(job_id)
             if seen["stream"] and seen["status"] == "IN_PROGRESS" and then(job_id):
@@ -110,7 +110,7 @@ def running_jobs(
 
 
 def cancel(endpoint: EndpointProcess, job_id: str) -> bool:
-    reply = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=60).json()
+    reply = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
     assert reply["status"] in {"CANCELLED", "COMPLETED"}, reply
     return bool(reply["status"] == "CANCELLED")  # else it ended before the cancel came
 
@@ -135,7 +135,7 @@ def test_cancelling_10_of_20_running_jobs_stops_them_and_the_rest_complete(
     timed = requests.post(
         f"{endpoint.url}/run",
         json={"input": endless_job(20, n=2), "policy": {"executionTimeout": 5000}},
-        timeout=60,
+        timeout=10,
     ).json()["id"]
     to_cancel = running_jobs(endpoint, endless, 10, lambda job_id: cancel(endpoint, job_id))
     assert sorted(to_cancel) == sorted(endless)

@@ -121,7 +121,7 @@ def test_the_log_holds_no_prompt_and_no_secret(endpoint: EndpointProcess) -> Non
 def _submit_any(endpoint: EndpointProcess, job_input: Any) -> str:
     """``submit``, also for inputs that are not strict JSON (NaN, infinity)."""
     body = json.dumps({"input": job_input})  # NaN as Python's json writes and reads it
-    reply = requests.post(f"{endpoint.url}/run", data=body, headers=endpoint.headers, timeout=60)
+    reply = requests.post(f"{endpoint.url}/run", data=body, headers=endpoint.headers, timeout=10)
     assert reply.status_code == 200, reply.text
     return str(reply.json()["id"])
 

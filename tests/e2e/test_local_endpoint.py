@@ -105,14 +105,14 @@ def seed_flow(endpoint: EndpointProcess) -> tuple[dict[str, Any], list[dict[str,
             },
         }
     }
-    response = requests.post(url, headers=headers, json=payload, timeout=60)
+    response = requests.post(url, headers=headers, json=payload, timeout=10)
     response_json = json.loads(response.text)
     status_url = f"{endpoint.url}/stream/{response_json['id']}"
 
     polls = []
     for _ in range(int(JOB_TIMEOUT_S / 0.1)):
         time.sleep(0.1)
-        get_status = requests.get(status_url, headers=headers, timeout=60)
+        get_status = requests.get(status_url, headers=headers, timeout=10)
         polls.append(json.loads(get_status.text))
         if polls[-1]["status"] == "COMPLETED":
             break
@@ -144,12 +144,12 @@ def test_the_seed_snippet_streams_tokens_over_http(endpoint: EndpointProcess) ->
     assert isinstance(final["delayTime"], int)
     assert final["executionTime"] > 0
     # Nothing is left to stream; POST reads the same as GET.
-    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json() == {
+    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
         "id": job_id,
         "status": "COMPLETED",
         "stream": [],
     }
-    assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=60).json() == final
+    assert requests.post(f"{endpoint.url}/status/{job_id}", timeout=10).json() == final
 
     partial = [poll for poll in polls if poll["status"] == "IN_PROGRESS" and poll["stream"]]
     # How many polls saw partial output depends on the machine (a loopback stall of
@@ -181,7 +181,7 @@ def test_the_first_chunk_can_be_read_while_the_job_runs(endpoint: EndpointProces
         url = f"{endpoint.url}/stream/{job_id}"
         texts: list[str] = []  # the text of each poll that brought output while it ran
         while len(texts) < 2:
-            seen = requests.get(url, timeout=60).json()
+            seen = requests.get(url, timeout=10).json()
             assert seen["status"] == "IN_PROGRESS" or not seen["stream"], seen["status"]
             if seen["stream"]:
                 assert all("finish_reason" not in item["output"] for item in seen["stream"])
@@ -194,7 +194,7 @@ def test_the_first_chunk_can_be_read_while_the_job_runs(endpoint: EndpointProces
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert texts[1].startswith(texts[0])  # cumulative, growing while the job runs
-        assert requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=60).json() == {
+        assert requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json() == {
             "id": job_id,
             "status": "CANCELLED",
         }
@@ -216,7 +216,7 @@ def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess
     assert status(endpoint, body["id"]) == body
 
     # A job longer than ?wait= (1 s), one that cannot end by itself: the reply says where
-    # it is, after the wait (how long after is the machine's: not bounded); it runs on.
+    # it is, after the wait; it runs on.
     long_input = {"prompt": "Slow:", "sampling_params": ENDLESS_INPUT}
     started = time.monotonic()
     reply = requests.post(
@@ -226,9 +226,9 @@ def test_runsync_returns_the_result_or_the_job_to_poll(endpoint: EndpointProcess
     body = reply.json()
     assert body["status"] in {"IN_QUEUE", "IN_PROGRESS"}, body
     assert "output" not in body
-    assert waited > 0.9
+    assert 0.9 < waited < 10.0  # ?wait=1000 answers after a second, however slow the job
     assert status(endpoint, body["id"])["status"] in {"IN_QUEUE", "IN_PROGRESS"}
-    cancelled = requests.post(f"{endpoint.url}/cancel/{body['id']}", timeout=60).json()
+    cancelled = requests.post(f"{endpoint.url}/cancel/{body['id']}", timeout=10).json()
     assert cancelled == {"id": body["id"], "status": "CANCELLED"}
 
 
@@ -242,7 +242,7 @@ def test_a_validation_error_fails_the_job_and_the_next_one_works(
     assert final["status"] == "FAILED"
     assert final["error"].startswith("invalid_input: sampling_params.temperature")
     assert "Traceback" not in final["error"]
-    streamed = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json()
+    streamed = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
     assert streamed == {"id": job_id, "status": "FAILED", "stream": [], "error": final["error"]}
 
     good = {"prompt": "Hello", "sampling_params": {"max_tokens": 8, "ignore_eos": True}}
@@ -251,10 +251,10 @@ def test_a_validation_error_fails_the_job_and_the_next_one_works(
     check_chunks(final["output"], prompt="Hello", n=1, max_tokens=8)
 
     # Requests the endpoint itself refuses.
-    no_input = requests.post(f"{endpoint.url}/run", json={"prompt": "Hello"}, timeout=60)
+    no_input = requests.post(f"{endpoint.url}/run", json={"prompt": "Hello"}, timeout=10)
     assert no_input.status_code == 400
     assert "input" in no_input.json()["error"]
-    unknown = requests.get(f"{endpoint.url}/status/no-such-job", timeout=60)
+    unknown = requests.get(f"{endpoint.url}/status/no-such-job", timeout=10)
     assert (unknown.status_code, unknown.json()) == (404, {"error": "request does not exist"})
 
 
@@ -265,14 +265,14 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     endless = {"prompt": "A long story:", "sampling_params": ENDLESS_INPUT}
     job_id, twin_id = submit(endpoint, endless), submit(endpoint, LONG_STORY)
     submitted = time.monotonic()
-    while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json()["stream"]:
+    while not requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()["stream"]:
         assert time.monotonic() < submitted + JOB_TIMEOUT_S
         time.sleep(0.02)
-    cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=60).json()
+    cancel = requests.post(f"{endpoint.url}/cancel/{job_id}", timeout=10).json()
     cancelled_at = time.monotonic()
     assert cancel == {"id": job_id, "status": "CANCELLED"}
     # What was streamed before the cancel can still be read.
-    before = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json()
+    before = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
     assert before["status"] == "CANCELLED"
 
     # The worker's SDK got the stop signal and cancelled the job's task, which aborted the
@@ -293,14 +293,15 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     assert final["status"] == "CANCELLED"
     assert "output" not in final
     # Nothing the worker posted after the cancel was taken.
-    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json() == {
+    assert requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json() == {
         "id": job_id,
         "status": "CANCELLED",
         "stream": [],
     }
     # What the worker posted after the cancel (ignored above): the posts in flight until
-    # the stop reached it, as many as a loopback stall lets through (printed, not bounded).
+    # the stop reached it; far fewer than a whole generation, which its twin shows.
     late = [int(n) for n in re.findall(rf"job {job_id} is CANCELLED: ignored post (\d+)", log)]
+    assert max(late, default=0) < len(twin["output"]) / 2, (late, len(twin["output"]))
     print(
         f"cancel: aborted after {aborted.group(1)} of {2 * ENDLESS_TOKENS} tokens; the test saw it "
         f"{stopped_after * 1000:.0f} ms after /cancel (an upper bound: "

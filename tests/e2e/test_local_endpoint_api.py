@@ -52,7 +52,7 @@ class ScriptedWorker:
             url.replace("$ID", job_id) + "&isStream=true",
             data=json.dumps(body),
             headers={"Content-Type": "application/x-www-form-urlencoded"},
-            timeout=60,
+            timeout=10,
         )
 
     def stream(self, job_id: str, output: Any) -> requests.Response:
@@ -76,23 +76,23 @@ def endpoint() -> Iterator[ThreadedEndpoint]:
 def test_an_api_key_is_required_only_when_configured() -> None:
     with ThreadedEndpoint(EndpointConfig(port=0, api_key="sekret")) as endpoint:
         url = f"{endpoint.url}/health"
-        assert requests.get(url, timeout=60).status_code == 401
-        assert requests.get(url, headers={"Authorization": "wrong"}, timeout=60).status_code == 401
+        assert requests.get(url, timeout=10).status_code == 401
+        assert requests.get(url, headers={"Authorization": "wrong"}, timeout=10).status_code == 401
         for header in ("sekret", "Bearer sekret"):  # the docs' form and the runpod SDK's
-            reply = requests.get(url, headers={"Authorization": header}, timeout=60)
+            reply = requests.get(url, headers={"Authorization": header}, timeout=10)
             assert reply.status_code == 200
             assert set(reply.json()) == {"jobs", "workers"}
-        refused = requests.post(f"{endpoint.url}/run", json={"input": {}}, timeout=60)
+        refused = requests.post(f"{endpoint.url}/run", json={"input": {}}, timeout=10)
         assert refused.status_code == 401
         assert "error" in refused.json()
     with make_endpoint() as endpoint:  # no key configured: any header, or none
-        assert requests.get(f"{endpoint.url}/health", timeout=60).status_code == 200
+        assert requests.get(f"{endpoint.url}/health", timeout=10).status_code == 200
 
 
 def test_the_worker_side_wants_the_worker_token(endpoint: ThreadedEndpoint) -> None:
     worker = ScriptedWorker(endpoint)
     without = worker.take_url.split("?")[0] + "?job_in_progress=0"
-    assert requests.get(without, timeout=60).status_code == 401
+    assert requests.get(without, timeout=10).status_code == 401
     assert worker.take() is None  # with it: an empty queue, held, then 204
     assert endpoint.call(lambda store: list(store.problems)) == [
         f"missing or wrong worker token on /v2/local/job-take/{WORKER}"
@@ -101,14 +101,14 @@ def test_the_worker_side_wants_the_worker_token(endpoint: ThreadedEndpoint) -> N
 
 def test_an_execution_timeout_stops_the_job_on_its_worker(endpoint: ThreadedEndpoint) -> None:
     worker = ScriptedWorker(endpoint)
-    job_id = requests.post(f"{endpoint.url}/run", json={"input": {"p": 1}}, timeout=60).json()["id"]
+    job_id = requests.post(f"{endpoint.url}/run", json={"input": {"p": 1}}, timeout=10).json()["id"]
     job = worker.take()
     assert job == {"id": job_id, "input": {"p": 1}}
     assert worker.stream(job_id, "chunk 1").status_code == 200
     started = time.monotonic()
     assert worker.stops() == [job_id]  # held until the timeout hit
     assert 0.3 < time.monotonic() - started < 3.0
-    body = requests.get(f"{endpoint.url}/status/{job_id}", timeout=60).json()
+    body = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10).json()
     assert body["status"] == "TIMED_OUT"
     assert body["error"].startswith("execution timeout")
     assert set(body) == {"id", "status", "delayTime", "executionTime", "error"}
@@ -116,18 +116,18 @@ def test_an_execution_timeout_stops_the_job_on_its_worker(endpoint: ThreadedEndp
     # The worker's late posts are taken (HTTP 200) and ignored.
     assert worker.stream(job_id, "chunk 2").status_code == 200
     assert worker.done(job_id, {"output": ["chunk 1", "chunk 2"]}).status_code == 200
-    streamed = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60).json()
+    streamed = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10).json()
     assert streamed["status"] == "TIMED_OUT"
     assert [item["output"] for item in streamed["stream"]] == ["chunk 1"]
 
     # /retry queues it again, under the same id.
-    retried = requests.post(f"{endpoint.url}/retry/{job_id}", timeout=60).json()
+    retried = requests.post(f"{endpoint.url}/retry/{job_id}", timeout=10).json()
     assert retried == {"id": job_id, "status": "IN_QUEUE"}
     assert worker.take() == {"id": job_id, "input": {"p": 1}}
     worker.done(job_id, {"output": ["again"]})
-    final = requests.get(f"{endpoint.url}/status/{job_id}", timeout=60).json()
+    final = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10).json()
     assert (final["status"], final["output"]) == ("COMPLETED", ["again"])
-    health = requests.get(f"{endpoint.url}/health", timeout=60).json()
+    health = requests.get(f"{endpoint.url}/health", timeout=10).json()
     assert health["jobs"] == {
         "completed": 1,
         "failed": 1,
@@ -136,27 +136,27 @@ def test_an_execution_timeout_stops_the_job_on_its_worker(endpoint: ThreadedEndp
         "retried": 1,
     }
     assert health["workers"]["idle"] == 1
-    not_retryable = requests.post(f"{endpoint.url}/retry/{job_id}", timeout=60)
+    not_retryable = requests.post(f"{endpoint.url}/retry/{job_id}", timeout=10)
     assert not_retryable.status_code == 400
 
 
 def test_results_expire_after_the_retention(endpoint: ThreadedEndpoint) -> None:
     worker = ScriptedWorker(endpoint)
-    job_id = requests.post(f"{endpoint.url}/run", json={"input": {}}, timeout=60).json()["id"]
+    job_id = requests.post(f"{endpoint.url}/run", json={"input": {}}, timeout=10).json()["id"]
     worker.take()
     worker.done(job_id, {"output": "x"})
-    assert requests.get(f"{endpoint.url}/status/{job_id}", timeout=60).status_code == 200
+    assert requests.get(f"{endpoint.url}/status/{job_id}", timeout=10).status_code == 200
     deadline = time.monotonic() + 10
-    while requests.get(f"{endpoint.url}/status/{job_id}", timeout=60).status_code == 200:
+    while requests.get(f"{endpoint.url}/status/{job_id}", timeout=10).status_code == 200:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    gone = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=60)
+    gone = requests.get(f"{endpoint.url}/stream/{job_id}", timeout=10)
     assert (gone.status_code, gone.json()) == (404, {"error": "request does not exist"})
 
 
 def test_runsync_waits_then_answers_with_the_job_to_poll(endpoint: ThreadedEndpoint) -> None:
     started = time.monotonic()
-    reply = requests.post(f"{endpoint.url}/runsync?wait=1000", json={"input": {}}, timeout=60)
+    reply = requests.post(f"{endpoint.url}/runsync?wait=1000", json={"input": {}}, timeout=10)
     assert 0.9 < time.monotonic() - started < 5
     body = reply.json()
     assert body == {"id": body["id"], "status": "IN_QUEUE"}
@@ -185,18 +185,18 @@ def test_runsync_waits_then_answers_with_the_job_to_poll(endpoint: ThreadedEndpo
 
 def test_cancel_and_purge_of_queued_jobs(endpoint: ThreadedEndpoint) -> None:
     ids = [
-        requests.post(f"{endpoint.url}/run", json={"input": {"i": i}}, timeout=60).json()["id"]
+        requests.post(f"{endpoint.url}/run", json={"input": {"i": i}}, timeout=10).json()["id"]
         for i in range(3)
     ]
-    cancelled = requests.post(f"{endpoint.url}/cancel/{ids[0]}", timeout=60).json()
+    cancelled = requests.post(f"{endpoint.url}/cancel/{ids[0]}", timeout=10).json()
     assert cancelled == {"id": ids[0], "status": "CANCELLED"}
-    purged = requests.post(f"{endpoint.url}/purge-queue", timeout=60).json()
+    purged = requests.post(f"{endpoint.url}/purge-queue", timeout=10).json()
     assert purged == {"removed": 2, "status": "completed"}
     for job_id in ids:
-        body = requests.get(f"{endpoint.url}/status/{job_id}", timeout=60).json()
+        body = requests.get(f"{endpoint.url}/status/{job_id}", timeout=10).json()
         assert body == {"id": job_id, "status": "CANCELLED"}
     assert ScriptedWorker(endpoint).take() is None
-    missing = requests.post(f"{endpoint.url}/cancel/nope", timeout=60)
+    missing = requests.post(f"{endpoint.url}/cancel/nope", timeout=10)
     assert missing.status_code == 404
 
 
@@ -217,7 +217,7 @@ def test_requests_the_endpoint_refuses(
     url = endpoint.url + path
     if path.startswith("/.."):
         url = endpoint.url.replace("/v2/local", "/v2/other-endpoint/run")
-    reply = requests.post(url, data=body, timeout=60)
+    reply = requests.post(url, data=body, timeout=10)
     assert reply.status_code == status
     assert "error" in reply.json()
 

@@ -159,7 +159,7 @@ class ThreadedEndpoint:
             raise RuntimeError(f"the local endpoint did not stop within {timeout_s} s")
         self._thread = None
 
-    def call(self, fn: Callable[[JobStore], T], timeout_s: float = 60.0) -> T:
+    def call(self, fn: Callable[[JobStore], T], timeout_s: float = 10.0) -> T:
         """``fn(store)``, run on the endpoint's event loop."""
         assert self._loop is not None, "not started"
 
