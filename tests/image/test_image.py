@@ -274,6 +274,11 @@ def start_worker(
         *readme_run_options(),
         "--network",
         "host",
+        # A container is a scheduler group of its own (its cgroup): weighted as the host's
+        # processes, its busy engine held the host's endpoint off the cores for up to 21 s
+        # (own_process_group says more). At the least weight it runs whenever they idle.
+        "--cpu-shares",
+        "2",
         *env_options(env),
         image,
     )

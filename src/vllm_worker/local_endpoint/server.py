@@ -270,4 +270,5 @@ def _announce_attach(announce: Callable[[str], None], env: Mapping[str, str]) ->
     for name, value in env.items():
         announce(f"  export {name}='{value}'")
     announce("  (for docker: pass each with -e, and --network host: the URLs are loopback;")
+    announce("   on a CPU-only machine also --cpu-shares 2, so its engine cannot starve this;")
     announce("   several workers: give each its own RUNPOD_POD_ID)")
