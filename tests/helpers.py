@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -161,3 +162,27 @@ WEATHER_PARAMETERS = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
+
+
+# --- meaning, for the real demo model's tests ------------------------------------------
+
+# Words any English paragraph uses; a random model's text or another language lacks them.
+COMMON_ENGLISH = {"the", "of", "and", "to", "in", "a", "is", "was", "that", "it", "for", "as"}
+
+
+def assert_english(text: str, min_words: int = 20) -> None:
+    """Readable English: mostly letters and spaces, and common English words among its
+    words. A check of the kind of text, not of its facts."""
+    words = re.findall(r"[a-z']+", text.lower())
+    assert len(words) >= min_words, f"too few words ({len(words)}): {text!r}"
+    common = sum(word in COMMON_ENGLISH for word in words)
+    assert common / len(words) >= 0.15, f"not English ({common} common words): {text!r}"
+    plain = sum(char.isascii() and (char.isalnum() or char in " \n.,;:'\"!?()-") for char in text)
+    assert plain / len(text) >= 0.95, f"not plain text: {text!r}"
+
+
+def assert_on_the_seeds_subject(text: str) -> None:
+    """An answer to the seed's request: the French Revolution and Europe."""
+    lowered = text.lower()
+    assert "revolution" in lowered and "europe" in lowered, text
+    assert "french" in lowered or "france" in lowered, text

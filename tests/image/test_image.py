@@ -35,7 +35,7 @@ import pytest
 import requests
 
 from fake_hub import FakeHub
-from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, assert_english, assert_on_the_seeds_subject
 from image_support import (
     FIGURES,
     REPO_ID,
@@ -46,6 +46,7 @@ from image_support import (
     env_options,
     readme_run_options,
 )
+from vllm_worker import demo_model
 from vllm_worker.local_endpoint import stall
 from vllm_worker.local_endpoint.process import own_process_group
 
@@ -163,6 +164,39 @@ def test_a_bad_test_input_exits_1_with_its_one_line_error(
     assert len(errors) == 1
     assert errors[0].startswith("Job failed: invalid_input: sampling_params.top_p")
     assert "starting the engine" not in result.stderr  # refused before the model loads
+
+
+def test_the_baked_demo_model_answers_the_seeds_request_in_english(
+    docker: Docker, demo_image: BuiltImage
+) -> None:
+    # The seed's request with 200 of its 1,000 tokens (a minute less on these 2 cores).
+    seed = {"input": {**SEED_INPUT, "sampling_params": {**SEED_INPUT["sampling_params"]}}}
+    seed["input"]["sampling_params"]["max_tokens"] = 200
+    settings = {**TINY_SETTINGS, **demo_model.SERVING}
+    del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
+    started = time.monotonic()
+    result = docker(
+        "run",
+        *readme_run_options(),
+        "--network",
+        "none",
+        *env_options(settings),
+        demo_image.tag,
+        "--test_input",
+        json.dumps(seed),
+        timeout=600,
+        check=False,
+    )
+    FIGURES.values["the demo model's seed request, docker run to exit"] = (
+        f"{time.monotonic() - started:.0f} s"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model: {demo_model.SERVED_NAME} at " in result.stderr  # baked, found offline
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("Job result: ")]
+    [text] = json.loads(line.removeprefix("Job result: "))["output"]["text"]
+    answer = text.removeprefix(SEED_INPUT["prompt"])
+    assert_english(answer)
+    assert_on_the_seeds_subject(answer)
 
 
 # --- production mode, against the local endpoint on the host --------------------------------
