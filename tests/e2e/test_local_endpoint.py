@@ -41,8 +41,9 @@ SEED_PROMPT = (
     "the 18th century. \n"
 )
 SEED_FLOW_TOKENS = 2000  # the seed's flow within the tiny model's own 2048 positions
-# Jobs that run seconds (4 x 2000 tokens), to completion.
-LONG_INPUT = {"n": 4, "max_tokens": 2000, "ignore_eos": True}
+# A job that runs a second or more (4 x 500 tokens), to completion.
+LONG_TOKENS = 500
+LONG_INPUT = {"n": 4, "max_tokens": LONG_TOKENS, "ignore_eos": True}
 LONG_STORY = {"prompt": "A long story:", "sampling_params": LONG_INPUT}
 # Jobs that must still run when the test looks, which then cancels them.
 ENDLESS_INPUT = {"n": 2, "max_tokens": ENDLESS_TOKENS, "ignore_eos": True}
@@ -285,7 +286,7 @@ def test_cancel_mid_stream_stops_the_generation(endpoint: EndpointProcess) -> No
     assert twin["status"] == "COMPLETED"
     log = endpoint.log()
     assert int(aborted.group(1)) < 2 * ENDLESS_TOKENS  # stopped before its end
-    assert twin["output"][-1]["usage"]["completion_tokens"] == 4 * 2000
+    assert twin["output"][-1]["usage"]["completion_tokens"] == 4 * LONG_TOKENS
     assert f"job {job_id} done:" not in log  # the handler never finished it
     assert log.index(f"| {job_id} | Stopping job.") < aborted.start()
 

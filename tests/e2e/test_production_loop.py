@@ -466,12 +466,12 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     """
     assert worker.proc is not None
     prompt = "A long answer, please:"
-    # 8 x 2,000 tokens: 18-53 s of generation (900 to 300 tokens/s), longer than the
-    # loopback stalls of these machines (seconds), which can delay the platform's view of
-    # the first chunk: the job is still in flight when SIGTERM comes.
+    # 4 x 1,000 tokens: 4-13 s of generation (900 to 300 tokens/s), far longer than the
+    # moment from its first chunk to SIGTERM (the worker shares this session: no stall of
+    # seconds, which a worker in a session of its own caused): still in flight then.
     job_input = {
         "prompt": prompt,
-        "sampling_params": {"n": 8, "max_tokens": 2000, "ignore_eos": True},
+        "sampling_params": {"n": 4, "max_tokens": 1000, "ignore_eos": True},
     }
     (job_id,) = platform.enqueue({"id": "at-sigterm", "input": job_input})
     platform.wait_until(
@@ -487,7 +487,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     # It really was in flight: the worker says so (its own log, its own order of events).
     assert "stop signal: taking no more jobs; 1 in flight" in worker.log()
     assert_streamed_output(
-        record, prompt=prompt, n=8, max_tokens=2000, prompt_tokens=count_prompt_tokens(prompt)
+        record, prompt=prompt, n=4, max_tokens=1000, prompt_tokens=count_prompt_tokens(prompt)
     )
     assert worker.proc.wait(STOP_TIMEOUT_S) == 0
     print(f"worker exited {time.monotonic() - signalled_at:.1f} s after SIGTERM")
