@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vllm_worker import demo_model
 
             worker_env = {**demo_model.serving_env(demo_model.ensure()), **run_settings(args)}
+            os.environ.update(demo_model.VLLM_ENV)  # read by vLLM, as the demo serves it
         else:
             if args.model:
                 model = args.model

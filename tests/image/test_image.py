@@ -8,7 +8,8 @@ tiny model on a CPU:
 
 - the build with a baked model (the token a BuildKit secret) and the RunPod Hub's
   default build (no argument, no secret);
-- local test mode offline (``--network none``), and a bad ``--test_input``;
+- local test mode offline (``--network none``) on the real demo model, baked as a public
+  Hub model: the seed's request answered in English; a bad ``--test_input``;
 - production mode against the local endpoint on the host (``--no-worker``): the seed's
   flow, ``n=2``, a cancel, a bad input, an OpenAI-route chat;
 - ``docker stop`` while a job runs and while the engine is still starting;
@@ -121,27 +122,37 @@ def test_the_hub_default_build_needs_no_argument_and_no_secret(
 # --- local test mode ----------------------------------------------------------------------------
 
 
-def test_local_test_mode_runs_test_input_json_offline(
-    docker: Docker, baked_image: BuiltImage
+def test_local_test_mode_runs_test_input_json_offline_and_the_demo_model_answers_it(
+    docker: Docker, demo_image: BuiltImage
 ) -> None:
+    """The real demo model baked in: the seed's request (the image's test_input.json) is
+    answered in English, on its subject, with no network."""
+    settings = {**TINY_SETTINGS, **demo_model.SERVING}
+    del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
     started = time.monotonic()
     result = docker(
         "run",
         *readme_run_options(),
         "--network",
         "none",
-        *env_options(TINY_SETTINGS),
-        baked_image.tag,
+        *env_options(settings),
+        demo_image.tag,
         timeout=600,
         check=False,
     )
-    FIGURES.values["local test mode, docker run to exit"] = f"{time.monotonic() - started:.0f} s"
+    FIGURES.values["local test mode, the demo model, docker run to exit"] = (
+        f"{time.monotonic() - started:.0f} s"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     chunks = [line for line in result.stdout.splitlines() if line.startswith("chunk ")]
     assert len(chunks) >= 2
-    assert any(line.startswith("Job result: ") for line in result.stdout.splitlines())
-    assert f"model: {REPO_ID} at " in result.stderr  # the baked model, found offline
+    assert f"model: {demo_model.SERVED_NAME} at " in result.stderr  # baked, found offline
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("Job result: ")]
+    [text] = json.loads(line.removeprefix("Job result: "))["output"]["text"]
+    answer = text.removeprefix(SEED_INPUT["prompt"])
+    assert_english(answer)
+    assert_on_the_seeds_subject(answer)
 
 
 def test_a_bad_test_input_exits_1_with_its_one_line_error(
@@ -164,39 +175,6 @@ def test_a_bad_test_input_exits_1_with_its_one_line_error(
     assert len(errors) == 1
     assert errors[0].startswith("Job failed: invalid_input: sampling_params.top_p")
     assert "starting the engine" not in result.stderr  # refused before the model loads
-
-
-def test_the_baked_demo_model_answers_the_seeds_request_in_english(
-    docker: Docker, demo_image: BuiltImage
-) -> None:
-    # The seed's request with 200 of its 1,000 tokens (a minute less on these 2 cores).
-    seed = {"input": {**SEED_INPUT, "sampling_params": {**SEED_INPUT["sampling_params"]}}}
-    seed["input"]["sampling_params"]["max_tokens"] = 200
-    settings = {**TINY_SETTINGS, **demo_model.SERVING}
-    del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
-    started = time.monotonic()
-    result = docker(
-        "run",
-        *readme_run_options(),
-        "--network",
-        "none",
-        *env_options(settings),
-        demo_image.tag,
-        "--test_input",
-        json.dumps(seed),
-        timeout=600,
-        check=False,
-    )
-    FIGURES.values["the demo model's seed request, docker run to exit"] = (
-        f"{time.monotonic() - started:.0f} s"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"model: {demo_model.SERVED_NAME} at " in result.stderr  # baked, found offline
-    [line] = [line for line in result.stdout.splitlines() if line.startswith("Job result: ")]
-    [text] = json.loads(line.removeprefix("Job result: "))["output"]["text"]
-    answer = text.removeprefix(SEED_INPUT["prompt"])
-    assert_english(answer)
-    assert_on_the_seeds_subject(answer)
 
 
 # --- production mode, against the local endpoint on the host --------------------------------
