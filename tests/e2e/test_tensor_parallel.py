@@ -128,9 +128,11 @@ def test_two_ranks_write_what_one_process_writes_and_stop_on_sigterm(
 
     endless = tp_worker.submit(ENDLESS)
     tp_worker.until_streaming(endless)
-    returncode, left_behind = tp_worker.worker.stop()  # SIGTERM, as RunPod stops a worker
-    assert returncode == 0, tp_worker.worker.log_tail()
-    assert left_behind == []
+    worker = tp_worker.worker
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGTERM)  # as RunPod stops a worker
+    assert worker.proc.wait(WAIT_S) == 0, worker.log_tail()
+    assert members_after_exit(worker.proc.pid, grace_s=10) == []
     job = tp_worker.job(endless)
     assert job.status.value == "FAILED"
     assert job.error is not None
@@ -155,15 +157,14 @@ def test_a_killed_rank_fails_the_jobs_in_flight_and_the_worker_exits_1(
     worker = tp_worker.worker
     assert worker.proc is not None
     assert worker.proc.wait(WAIT_S) == 1, worker.log_tail()
-    # The other rank and vLLM's resource tracker end on their own, a moment after the
-    # worker (seen: both still there right at its exit): an orphan is one still there
-    # 10 s later.
     assert members_after_exit(worker.proc.pid, grace_s=10) == []
     worker.stop()
 
 
 def members_after_exit(pgid: int, grace_s: float) -> list[str]:
-    """The group's members once it is empty, or after ``grace_s``: those left then."""
+    """The group's members once it is empty, or after ``grace_s``: those left then. A
+    rank and vLLM's resource tracker end on their own a moment after the worker (both
+    seen still there right at its exit): an orphan is one still there seconds later."""
     deadline = time.monotonic() + grace_s
     while (members := group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.1)
