@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import itertools
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -162,6 +163,19 @@ WEATHER_PARAMETERS = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
+
+
+def streamed_tool_call(stream: Iterable[Any]) -> tuple[str, str]:
+    """The function name and the arguments an ``openai`` chat stream's tool-call deltas
+    spell, each joined across its chunks."""
+    name = arguments = ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                if call.function is not None:
+                    name += call.function.name or ""
+                    arguments += call.function.arguments or ""
+    return name, arguments
 
 
 # --- meaning, for the real demo model's tests ------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint, submit, wait_final
-from helpers import WEATHER_PARAMETERS, lora_modules
+from helpers import WEATHER_PARAMETERS, lora_modules, streamed_tool_call
 
 API_KEY = "test-key"
 MESSAGES: list[Any] = [
@@ -330,13 +330,7 @@ def test_a_named_tool_choice_streams_a_valid_call(client: openai.OpenAI, model: 
         max_tokens=200,
         stream=True,
     )
-    names, arguments = "", ""
-    for chunk in stream:
-        for choice in chunk.choices:
-            for call in choice.delta.tool_calls or ():
-                names += call.function.name or "" if call.function else ""
-                arguments += call.function.arguments or "" if call.function else ""
-    check_tool_call(names, arguments)
+    check_tool_call(*streamed_tool_call(stream))
 
 
 def test_responses_api_answers_streamed_and_not(client: openai.OpenAI, model: str) -> None:

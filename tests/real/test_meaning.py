@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint
-from helpers import WEATHER_PARAMETERS, assert_english, assert_on_the_seeds_subject
+from helpers import (
+    REPO_ROOT,
+    WEATHER_PARAMETERS,
+    assert_english,
+    assert_on_the_seeds_subject,
+    streamed_tool_call,
+)
 from vllm_worker.client import EndpointClient
 from vllm_worker.demo_model import SERVED_NAME
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED_INPUT: dict[str, Any] = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
 # The seed's request with fewer tokens: its 1,000 take 30 s or more on these 2 cores; the
 # demo (scripts/demo.sh) runs it whole.
@@ -198,10 +202,4 @@ def test_a_named_tool_choice_streams_the_call(client: openai.OpenAI) -> None:
         max_tokens=100,
         stream=True,
     )
-    name = arguments = ""
-    for chunk in stream:
-        for choice in chunk.choices:
-            for call in choice.delta.tool_calls or ():
-                name += call.function.name or "" if call.function else ""
-                arguments += call.function.arguments or "" if call.function else ""
-    check_weather_call(name, arguments)
+    check_weather_call(*streamed_tool_call(stream))
