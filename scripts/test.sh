@@ -13,8 +13,9 @@ export RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true RUNPOD_SKIP_GPU_CHECK=true
 .venv/bin/ruff format --check src tests builder bench
 .venv/bin/mypy
 .venv/bin/lint-imports --no-cache  # the import contracts in pyproject.toml
-# Two test modules at a time (a module's tests stay together, in order, on one worker):
-# most of a module's time is an engine starting, which uses one core. TEST_WORKERS=0: one.
+# Two test modules at a time (a module's tests stay together, in order, on one worker; the
+# integration modules all on one, sharing its engine: tests/conftest.py): most of a
+# module's time is an engine starting, which uses one core. TEST_WORKERS=0: one at a time.
 workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
 [ "${TEST_WORKERS:-2}" = 0 ] && workers=(-p no:xdist)
 .venv/bin/python -m pytest "${workers[@]}" "$@"

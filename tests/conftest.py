@@ -41,6 +41,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("engine")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Two workers (scripts/test.sh): a module's tests on one worker, in order, as its
+    module-scoped endpoints need (pytest-xdist's ``--dist loadfile``), and the integration
+    layer's modules all on one worker, which then starts their shared engine once."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndTheIntegrationLayer(LoadFileScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = str(super()._split_scope(nodeid))
+            return "tests/integration" if module.startswith("tests/integration/") else module
+
+    return ModulesAndTheIntegrationLayer(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(tmp_path_factory.mktemp("tiny-llama"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import itertools
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -193,6 +194,13 @@ def assert_english(text: str, min_words: int = 20) -> None:
     assert common / len(words) >= 0.15, f"not English ({common} common words): {text!r}"
     plain = sum(char.isascii() and (char.isalnum() or char in " \n.,;:'\"!?()-") for char in text)
     assert plain / len(text) >= 0.95, f"not plain text: {text!r}"
+
+
+# The seed's request (test_input.json), and its sampling for a check of meaning on the demo
+# model: 100 of its 1,000 tokens (the whole takes a minute on these 2 cores; the demo runs
+# it whole), with a seed, so that the answer is the same on every run.
+SEED_INPUT: dict[str, Any] = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
+SEED_SAMPLING_SHORT = {**SEED_INPUT["sampling_params"], "max_tokens": 100, "seed": 1}
 
 
 def assert_on_the_seeds_subject(text: str) -> None:

@@ -37,6 +37,7 @@ JOB_TIMEOUT_S = 90.0  # per batch of jobs once the worker is up (another engine 
 MAX_CONCURRENCY = 8
 ENDPOINT_ID = "test-endpoint"
 WORKER_ID = "test-worker"
+SIGTERM_TOKENS = 400  # per sequence of the job in flight at SIGTERM
 
 
 # --- the platform: the local endpoint's job API, seen through its store ----------------
@@ -466,12 +467,13 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     """
     assert worker.proc is not None
     prompt = "A long answer, please:"
-    # 4 x 1,000 tokens: 4-13 s of generation (900 to 300 tokens/s), far longer than the
+    # 4 x 400 tokens: 2-5 s of generation (900 to 300 tokens/s), far longer than the
     # moment from its first chunk to SIGTERM (the worker shares this session: no stall of
-    # seconds, which a worker in a session of its own caused): still in flight then.
+    # seconds, which a worker in a session of its own caused): still in flight then, which
+    # the worker's log confirms below.
     job_input = {
         "prompt": prompt,
-        "sampling_params": {"n": 4, "max_tokens": 1000, "ignore_eos": True},
+        "sampling_params": {"n": 4, "max_tokens": SIGTERM_TOKENS, "ignore_eos": True},
     }
     (job_id,) = platform.enqueue({"id": "at-sigterm", "input": job_input})
     platform.wait_until(
@@ -487,7 +489,11 @@ def test_sigterm_lets_the_running_job_finish_then_exits(
     # It really was in flight: the worker says so (its own log, its own order of events).
     assert "stop signal: taking no more jobs; 1 in flight" in worker.log()
     assert_streamed_output(
-        record, prompt=prompt, n=4, max_tokens=1000, prompt_tokens=count_prompt_tokens(prompt)
+        record,
+        prompt=prompt,
+        n=4,
+        max_tokens=SIGTERM_TOKENS,
+        prompt_tokens=count_prompt_tokens(prompt),
     )
     assert worker.proc.wait(STOP_TIMEOUT_S) == 0
     print(f"worker exited {time.monotonic() - signalled_at:.1f} s after SIGTERM")

@@ -36,7 +36,14 @@ import pytest
 import requests
 
 from fake_hub import FakeHub
-from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, assert_english, assert_on_the_seeds_subject
+from helpers import (
+    ENDLESS_TOKENS,
+    LONG_CONTEXT_ENV,
+    SEED_INPUT,
+    SEED_SAMPLING_SHORT,
+    assert_english,
+    assert_on_the_seeds_subject,
+)
 from image_support import (
     FIGURES,
     REPO_ID,
@@ -53,7 +60,6 @@ from vllm_worker.local_endpoint.process import own_process_group
 
 JOB_TIMEOUT_S = 180.0
 START_TIMEOUT_S = 300.0
-SEED_INPUT = json.loads((Path(__file__).parents[2] / "test_input.json").read_text())["input"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # A job the module's worker cannot finish before the test stops it: 4 x 30,000 tokens is
 # over a minute even at the container's fastest (about 2,000 tokens/s for a batch), longer
@@ -123,10 +129,13 @@ def test_the_hub_default_build_needs_no_argument_and_no_secret(
 
 
 def test_local_test_mode_runs_test_input_json_offline_and_the_demo_model_answers_it(
-    docker: Docker, demo_image: BuiltImage
+    docker: Docker, demo_image: BuiltImage, tmp_path: Path
 ) -> None:
-    """The real demo model baked in: the seed's request (the image's test_input.json) is
-    answered in English, on its subject, with no network."""
+    """The real demo model baked in: the seed's request, in a test_input.json where the
+    image keeps its own, is answered in English, on its subject, with no network
+    (``SEED_SAMPLING_SHORT``: 100 of its tokens, with a seed; the e2e tests run the file)."""
+    seed_request = {"input": {**SEED_INPUT, "sampling_params": SEED_SAMPLING_SHORT}}
+    (tmp_path / "test_input.json").write_text(json.dumps(seed_request))
     settings = {**TINY_SETTINGS, **demo_model.SERVING}
     del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
     started = time.monotonic()
@@ -135,6 +144,8 @@ def test_local_test_mode_runs_test_input_json_offline_and_the_demo_model_answers
         *readme_run_options(),
         "--network",
         "none",
+        "--volume",
+        f"{tmp_path / 'test_input.json'}:/app/test_input.json:ro",
         *env_options(settings),
         demo_image.tag,
         timeout=600,

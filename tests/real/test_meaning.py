@@ -23,7 +23,8 @@ import pytest
 
 from endpoint_process import JOB_TIMEOUT_S, EndpointProcess, start_endpoint
 from helpers import (
-    REPO_ROOT,
+    SEED_INPUT,
+    SEED_SAMPLING_SHORT,
     WEATHER_PARAMETERS,
     assert_english,
     assert_on_the_seeds_subject,
@@ -32,10 +33,6 @@ from helpers import (
 from vllm_worker.client import EndpointClient
 from vllm_worker.demo_model import SERVED_NAME
 
-SEED_INPUT: dict[str, Any] = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
-# The seed's request with fewer tokens: its 1,000 take 30 s or more on these 2 cores; the
-# demo (scripts/demo.sh) runs it whole.
-SEED_TOKENS = 200
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "max_tokens": 32}
 WEATHER = {
@@ -87,9 +84,7 @@ def run(runpod: EndpointClient, job_input: dict[str, Any]) -> list[dict[str, Any
 
 
 def test_the_seeds_request_streams_an_english_essay(runpod: EndpointClient) -> None:
-    job_input = {**SEED_INPUT, "sampling_params": {**SEED_INPUT["sampling_params"]}}
-    job_input["sampling_params"]["max_tokens"] = SEED_TOKENS
-    chunks = run(runpod, job_input)
+    chunks = run(runpod, {**SEED_INPUT, "sampling_params": SEED_SAMPLING_SHORT})
     assert len(chunks) > 2
     text = ""
     for chunk in chunks:  # cumulative: each chunk extends the last, prompt first
@@ -103,7 +98,7 @@ def test_the_seeds_request_streams_an_english_essay(runpod: EndpointClient) -> N
     usage = final["usage"]
     assert final["finish_reason"] in (["length"], ["stop"])
     if final["finish_reason"] == ["length"]:
-        assert usage["completion_tokens"] == SEED_TOKENS
+        assert usage["completion_tokens"] == SEED_SAMPLING_SHORT["max_tokens"]
     assert usage["prompt_tokens"] > 10
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
@@ -148,7 +143,7 @@ def test_a_stop_string_ends_the_text_before_it(runpod: EndpointClient) -> None:
 
 
 def test_n_2_with_a_seed_is_reproducible(runpod: EndpointClient) -> None:
-    sampling = {"n": 2, "seed": 1234, "temperature": 0.8, "max_tokens": 48}
+    sampling = {"n": 2, "seed": 1234, "temperature": 0.8, "max_tokens": 32}
     job_input = {"messages": [{"role": "user", "content": "Describe a sunny day."}]}
     job_input["sampling_params"] = sampling
     [*_, first] = run(runpod, job_input)
