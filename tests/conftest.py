@@ -41,6 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("engine")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent with -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Two workers (scripts/test.sh): a module's tests on one worker, in order, as its
     module-scoped endpoints need (pytest-xdist's ``--dist loadfile``), and the integration
