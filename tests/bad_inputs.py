@@ -34,6 +34,8 @@ INT_RANGES: dict[str, Allowed] = {
     "min_tokens": lambda value: value >= 0,
     "logprobs": lambda value: 0 <= value <= 20,
     "seed": lambda value: 0 <= value <= 2**63 - 1,
+    "prompt_logprobs": lambda value: 0 <= value <= 20,
+    "truncate_prompt_tokens": lambda value: value >= 1,
 }
 BOOL_FIELDS = [
     "ignore_eos",
@@ -105,8 +107,56 @@ def _bad_sampling_value() -> st.SearchStrategy[tuple[str, Any]]:
                 st.integers(),
             ),
         ),
+        st.tuples(
+            st.just("allowed_token_ids"),
+            st.one_of(
+                st.just([]),
+                st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
+                st.lists(texts, min_size=1, max_size=2),
+            ),
+        ),
+        st.tuples(
+            st.just("logit_bias"),
+            st.one_of(
+                st.just({}),
+                st.dictionaries(
+                    st.from_regex(r"[a-z]{1,5}", fullmatch=True), st.just(1.0), min_size=1
+                ),
+                st.floats(101, 1e9).map(lambda bias: {"1": bias}),
+                st.sampled_from([{"1": "up"}, {"1": float("nan")}, [1, 2], {"-1": 5.0}]),
+            ),
+        ),
+        st.tuples(st.just("structured_outputs"), _bad_structured_outputs()),
     ]
     return st.one_of(*floats, *ints, *bools, *lists)
+
+
+def _bad_structured_outputs() -> st.SearchStrategy[Any]:
+    """What our schema refuses: not exactly one form, a form of the wrong shape."""
+    return st.one_of(
+        st.sampled_from(
+            [
+                {},
+                {"regex": "a", "choice": ["a"]},
+                {"json": "{not json"},
+                {"json": "  "},
+                {"json": 3},
+                {"choice": []},
+                {"choice": [""]},
+                {"json_object": False},
+                {"grammar": " "},
+                {"regex": 5},
+                {"structural_tag": ""},
+                {"regex": "a", "disable_any_whitespace": True},
+                "a regex",
+            ]
+        ),
+        st.dictionaries(
+            st.sampled_from(["json", "regex", "choice", "grammar", "json_object"]),
+            st.just("x"),
+            min_size=2,
+        ),
+    )
 
 
 def _engine_refused() -> st.SearchStrategy[dict[str, Any]]:
@@ -116,6 +166,21 @@ def _engine_refused() -> st.SearchStrategy[dict[str, Any]]:
         st.lists(st.integers(VOCAB_SIZE, 2**70), min_size=1, max_size=3).map(
             lambda ids: {"stop_token_ids": ids}
         ),
+        st.lists(st.integers(VOCAB_SIZE, 2**40), min_size=1, max_size=3).map(
+            lambda ids: {"allowed_token_ids": ids}
+        ),
+        st.integers(VOCAB_SIZE, 10**9).map(lambda id_: {"logit_bias": {str(id_): 1.0}}),
+        # Constraints vLLM's structured output backend cannot compile (its frontend says so).
+        st.sampled_from(
+            [
+                {"regex": "("},
+                {"regex": "a{2,1}"},
+                {"json": {"type": 5}},
+                {"json": '{"type": "object", "properties": 3}'},
+                {"grammar": "root ::= ("},
+                {"grammar": "this is no grammar"},
+            ]
+        ).map(lambda form: {"structured_outputs": form}),
         # Words that tokenize to nothing.
         st.lists(st.sampled_from([" ", "  ", "\t", " \n"]), min_size=1, max_size=3).map(
             lambda words: {"bad_words": words}
@@ -128,7 +193,7 @@ def _engine_refused() -> st.SearchStrategy[dict[str, Any]]:
 def malformed_input() -> st.SearchStrategy[tuple[str, Any]]:
     """(kind, a job input that must fail)."""
     identifier = st.from_regex(r"[a-z_]{1,12}", fullmatch=True)
-    sampling_fields = {"best_of", "use_beam_search", "length_penalty", "logit_bias"}
+    sampling_fields = {"best_of", "use_beam_search", "length_penalty", "early_stopping"}
     unknown_sampling = st.one_of(
         identifier.filter(lambda key: key not in _sampling_fields()),
         st.sampled_from(sorted(sampling_fields)),

@@ -18,7 +18,7 @@ from vllm import AsyncLLMEngine, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -31,6 +31,7 @@ from vllm_worker.engine_types import (
     TokenLogprob,
 )
 from vllm_worker.errors import ENGINE_DEAD_MESSAGE, EngineError, InvalidInputError
+from vllm_worker.schema import SamplingParamsInput
 from vllm_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Engine:
                     prompt, params, request.request_id, lora_request=lora
                 )
                 async for output in outputs:
+                    _check_not_failed(output, request)
                     for completion in output.outputs:
                         held.setdefault(completion.index, []).append(completion)
                         progress.tokens += len(completion.token_ids)
@@ -144,11 +146,12 @@ class Engine:
             progress.log_abort("")
             raise
         except VLLMValidationError as error:
-            # Values only the engine can check (e.g. token ids outside the vocabulary).
-            field = f"sampling_params.{error.parameter}" if error.parameter else "input"
-            # args[0]: the message without str()'s "value=...", which may be the client's
-            # text (bad_words): errors are logged.
-            raise InvalidInputError(f"{field}: {error.args[0]}") from None
+            # Values only the engine can check (e.g. token ids outside the vocabulary, a
+            # regex or a schema its structured output backend cannot compile). args[0]:
+            # the message without str()'s "value=...", which may be the client's text
+            # (bad_words): errors are logged.
+            field = _field_of(error, request.sampling)
+            raise InvalidInputError(f"{field}: {_one_line(str(error.args[0]))}") from None
         except (EngineDeadError, EngineGenerateError):
             if not self.is_dead():
                 raise  # one request failed, not the engine: an internal error
@@ -246,8 +249,39 @@ class _LoadRecorder(StatLoggerBase):  # type: ignore[misc]
         pass
 
 
+def _field_of(error: VLLMValidationError, sampling: SamplingParamsInput) -> str:
+    """The input field a validation error of vLLM's is about."""
+    if error.parameter:
+        return f"sampling_params.{error.parameter}"
+    if sampling.structured_outputs is not None:  # vLLM names no field for its own checks
+        return f"sampling_params.structured_outputs.{sampling.structured_outputs.form}"
+    return "input"
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """A backend's message (a grammar compiler's may span lines) as one short line."""
+    line = " ".join(message.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _check_not_failed(output: Any, request: GenerationRequest) -> None:
+    """vLLM ends a request it could not serve, alone, with finish_reason "error" (e.g. a
+    structured output grammar its engine core failed to compile): the job fails."""
+    if output.finished and any(c.finish_reason == "error" for c in output.outputs):
+        what = "its structured output" if request.sampling.structured_outputs else "the request"
+        raise EngineError(f"the engine could not serve {what}; the worker log says why")
+
+
+def _structured_outputs(sampling: SamplingParamsInput) -> StructuredOutputsParams | None:
+    wanted = sampling.structured_outputs
+    if wanted is None:
+        return None
+    return StructuredOutputsParams(**{wanted.form: wanted.form_value(wanted.form)})
+
+
 def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
     sampling = request.sampling
+    logit_bias = sampling.logit_bias
     return SamplingParams(
         n=sampling.n,
         temperature=sampling.temperature,
@@ -268,6 +302,10 @@ def _to_vllm_params(request: GenerationRequest) -> SamplingParams:
         skip_special_tokens=sampling.skip_special_tokens,
         spaces_between_special_tokens=sampling.spaces_between_special_tokens,
         include_stop_str_in_output=sampling.include_stop_str_in_output,
+        logit_bias={int(key): bias for key, bias in logit_bias.items()} if logit_bias else None,
+        allowed_token_ids=sampling.allowed_token_ids,
+        prompt_logprobs=sampling.prompt_logprobs,
+        structured_outputs=_structured_outputs(sampling),
         # Deltas: the engine sends only new tokens, merging steps the worker has not
         # read yet, so a busy worker never copies the whole text per token.
         output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
@@ -282,6 +320,20 @@ def _to_update(output: Any, held: dict[int, list[Any]], tokenizer: Any) -> Engin
             _to_delta(index, completions, tokenizer) for index, completions in held.items()
         ),
         finished=output.finished,
+        prompt_logprobs=_to_prompt_logprobs(output, tokenizer),
+    )
+
+
+def _to_prompt_logprobs(output: Any, tokenizer: Any) -> tuple[TokenLogprob | None, ...]:
+    """The prompt's logprobs, in the one output that brings them (None for the first
+    token, which nothing comes before)."""
+    if not output.prompt_logprobs:
+        return ()
+    return tuple(
+        None if candidates is None else _token_logprob(token_id, candidates, tokenizer)
+        for token_id, candidates in zip(
+            output.prompt_token_ids, output.prompt_logprobs, strict=False
+        )
     )
 
 
@@ -307,20 +359,24 @@ def _to_delta(index: int, completions: list[Any], tokenizer: Any) -> SequenceDel
 
 
 def _to_logprobs(completion: Any, tokenizer: Any) -> tuple[TokenLogprob, ...]:
-    entries = []
-    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
-        chosen = candidates[token_id]
-        entries.append(
-            TokenLogprob(
-                token=_token_text(chosen, token_id, tokenizer),
-                logprob=chosen.logprob,
-                top_logprobs={
-                    _token_text(candidate, candidate_id, tokenizer): candidate.logprob
-                    for candidate_id, candidate in candidates.items()
-                },
-            )
-        )
-    return tuple(entries)
+    return tuple(
+        _token_logprob(token_id, candidates, tokenizer)
+        for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False)
+    )
+
+
+def _token_logprob(token_id: int, candidates: Any, tokenizer: Any) -> TokenLogprob:
+    """One token's logprob and its place's likeliest tokens (``candidates``: vLLM's
+    ``{token id: Logprob}``, the token itself among them)."""
+    chosen = candidates[token_id]
+    return TokenLogprob(
+        token=_token_text(chosen, token_id, tokenizer),
+        logprob=chosen.logprob,
+        top_logprobs={
+            _token_text(candidate, candidate_id, tokenizer): candidate.logprob
+            for candidate_id, candidate in candidates.items()
+        },
+    )
 
 
 def _token_text(logprob: Any, token_id: int, tokenizer: Any) -> str:

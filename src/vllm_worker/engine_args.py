@@ -1,13 +1,16 @@
 """Settings -> vLLM ``AsyncEngineArgs``: one pure function, and the checks vLLM's own
 registries allow before the engine starts (quantization methods, tool and reasoning
-parsers, ``ENGINE_ARGS``' field names)."""
+parsers, structured output backends, ``ENGINE_ARGS``' field names)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, get_args
 
+from pydantic import ValidationError
 from vllm import AsyncEngineArgs
+from vllm.config import StructuredOutputsConfig
+from vllm.config.structured_outputs import StructuredOutputsBackend
 from vllm.model_executor.layers.quantization import QuantizationMethods
 
 from vllm_worker.errors import SettingsError
@@ -60,13 +63,42 @@ def build_engine_args(settings: Settings) -> AsyncEngineArgs:
     _check_quantization(settings)
     check_parsers(settings)
     dedicated = dedicated_args(settings)
-    extra = _checked_extra(settings.engine_args or {}, dedicated)
+    extra = dict(settings.engine_args or {})
+    structured = _structured_outputs_config(settings, extra.pop("structured_outputs_config", {}))
+    extra = _checked_extra(extra, dedicated)
     kwargs = {name: value for name, (_, value) in dedicated.items()} | extra | _FIXED
+    kwargs["structured_outputs_config"] = structured
     try:
         return AsyncEngineArgs(**kwargs)
     except (TypeError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         raise SettingsError(f"ENGINE_ARGS is invalid: {first_line}") from None
+
+
+def _structured_outputs_config(settings: Settings, options: Any) -> StructuredOutputsConfig:
+    """``STRUCTURED_OUTPUTS_BACKEND``, with ``ENGINE_ARGS``' other structured output options
+    (``{"structured_outputs_config": {"disable_any_whitespace": true}}``)."""
+    backends = get_args(StructuredOutputsBackend)
+    if settings.structured_outputs_backend not in backends:
+        raise SettingsError(
+            f"STRUCTURED_OUTPUTS_BACKEND={settings.structured_outputs_backend!r} is invalid: "
+            f"must be one of {', '.join(backends)}"
+        )
+    if not isinstance(options, dict) or "backend" in options:
+        raise SettingsError(
+            "ENGINE_ARGS: 'structured_outputs_config' must be an object of vLLM's options "
+            "without 'backend' (set by STRUCTURED_OUTPUTS_BACKEND)"
+        )
+    try:
+        return StructuredOutputsConfig(backend=settings.structured_outputs_backend, **options)
+    except ValidationError as error:
+        detail = error.errors(include_url=False)[0]
+        where = ".".join(map(str, detail["loc"]))
+        message = detail["msg"].removeprefix("Value error, ")
+        raise SettingsError(
+            f"ENGINE_ARGS: 'structured_outputs_config' is invalid: {where + ': ' if where else ''}"
+            f"{message} (STRUCTURED_OUTPUTS_BACKEND={settings.structured_outputs_backend!r})"
+        ) from None
 
 
 def _check_quantization(settings: Settings) -> None:

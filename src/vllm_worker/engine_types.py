@@ -56,6 +56,8 @@ class EngineUpdate:
     prompt_tokens: int
     sequences: tuple[SequenceDelta, ...]
     finished: bool
+    # The prompt's log-probabilities, once (when asked for): None for its first token.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass(frozen=True)

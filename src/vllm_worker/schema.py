@@ -14,10 +14,12 @@ message first, then user and assistant turns alternating, ending with the user's
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -44,9 +46,10 @@ UNSUPPORTED_FIELDS = {
     "use_beam_search": "vLLM 0.32's engine has no beam search",
     "length_penalty": "only for beam search, which vLLM 0.32's engine does not have",
     "early_stopping": "only for beam search, which vLLM 0.32's engine does not have",
-    "logit_bias": "not offered by this worker",
-    "allowed_token_ids": "not offered by this worker",
-    "prompt_logprobs": "not offered by this worker",
+    # vLLM 0.32's structured output reads these from the engine's settings only.
+    "disable_any_whitespace": "vLLM 0.32 takes it from the engine, not per request",
+    "disable_additional_properties": "vLLM 0.32 takes it from the engine, not per request",
+    "whitespace_pattern": "vLLM 0.32 takes it from the engine, not per request",
 }
 # Error messages list at most this many problems: a job with thousands of bad keys
 # still gets one short line.
@@ -56,6 +59,31 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+# OpenAI's range for a token's bias; vLLM clamps to it too.
+MAX_LOGIT_BIAS = 100.0
+MAX_BIASED_TOKENS = 1024
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
+def _token_id_key(key: str) -> str:
+    if not key.isdigit() or len(key) > 10:
+        raise PydanticCustomError(
+            "conversation",
+            "sampling_params.logit_bias: each key must be a token id written as a string of "
+            f'digits, e.g. {{"1234": -100}} (got {_shown(key)})',
+        )
+    return key
+
+
+# A token id as a JSON object's key (logit_bias).
+TokenIdKey = Annotated[str, AfterValidator(_token_id_key)]
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+STRUCTURED_FORMS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
@@ -68,6 +96,57 @@ def _one_stop_as_list(value: object) -> object:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StructuredOutputsInput(_Strict):
+    """vLLM's ``StructuredOutputsParams``: the output must match exactly one of these."""
+
+    json_schema: dict[str, Any] | str | None = Field(
+        None, alias="json", description="A JSON schema (an object, or its JSON text)."
+    )
+    regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    choice: Annotated[list[StopString], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="The output is one of these strings."
+    )
+    grammar: NonBlank | None = Field(None, description="A grammar (EBNF, or Lark for guidance).")
+    json_object: Literal[True] | None = Field(None, description="Any JSON object.")
+    structural_tag: NonBlank | None = Field(None, description="vLLM's structural tag (JSON).")
+
+    model_config = ConfigDict(populate_by_name=False)
+
+    @field_validator("json_schema", mode="wrap")
+    @classmethod
+    def _a_schema(cls, schema: Any, _handler: Any) -> dict[str, Any] | str | None:
+        """An object, or a string of JSON: one message for either shape's problem."""
+        if schema is None or isinstance(schema, dict):
+            return schema
+        if not isinstance(schema, str):
+            raise ValueError("must be a JSON schema: an object, or its JSON text")
+        try:
+            json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error.msg} at character {error.pos})") from None
+        return schema
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> StructuredOutputsInput:
+        given = [form for form in STRUCTURED_FORMS if self.form_value(form) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "conversation",
+                "sampling_params.structured_outputs: set exactly one of "
+                f"{', '.join(STRUCTURED_FORMS)} (got {', '.join(given) or 'none'})",
+            )
+        return self
+
+    def form_value(self, form: str) -> Any:
+        """The value of ``form`` (a name of ``STRUCTURED_FORMS``), None when unset."""
+        return getattr(self, "json_schema" if form == "json" else form)
+
+    @property
+    def form(self) -> str:
+        """The one form this request uses."""
+        return next(form for form in STRUCTURED_FORMS if self.form_value(form) is not None)
 
 
 class SamplingParamsInput(_Strict):
@@ -98,6 +177,25 @@ class SamplingParamsInput(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: (
+        Annotated[
+            dict[TokenIdKey, Annotated[FiniteFloat, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+            Field(min_length=1, max_length=MAX_BIASED_TOKENS),
+        ]
+        | None
+    ) = Field(None, description="Token id (as a string) -> bias added to its logit.")
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = Field(
+        None, description="Only these tokens may be generated."
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Top logprobs per prompt token, in the final chunk."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=1, description="Keep only the prompt's last N tokens."
+    )
+    structured_outputs: StructuredOutputsInput | None = Field(
+        None, description="Constrain the output: a JSON schema, a regex, a choice, a grammar."
+    )
 
     @model_validator(mode="after")
     def _min_tokens_fit(self) -> SamplingParamsInput:
@@ -125,9 +223,7 @@ class ChatMessage(_Strict):
     @classmethod
     def _not_blank(cls, content: str) -> str:
         # Llama 2's format strips every message: a blank one would vanish from the prompt.
-        if not content.strip():
-            raise ValueError("must not be empty or only whitespace")
-        return content
+        return _not_blank(content)
 
 
 class JobInput(_Strict):
@@ -263,6 +359,10 @@ def field_path(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
         name = str(part)
+        if isinstance(part, str) and part.isdigit() and len(part) <= 10:
+            name = f'"{part}"'  # a token id as a key (logit_bias)
+            path += f"[{name}]"
+            continue
         if isinstance(part, str) and not _FIELD_NAME.fullmatch(part):
             # An unknown key is the client's text too: named only if it looks like a field.
             name = f"<a key of {len(part)} characters>"
@@ -271,6 +371,8 @@ def field_path(location: tuple[int | str, ...]) -> str:
 
 
 def _allowed_fields(location: tuple[int | str, ...]) -> str:
+    if location[:2] == ("sampling_params", "structured_outputs"):
+        return ", ".join(STRUCTURED_FORMS)
     models: dict[int | str, type[BaseModel]] = {
         "sampling_params": SamplingParamsInput,
         "messages": ChatMessage,

@@ -108,6 +108,9 @@ class Settings(BaseModel):
     # every call's arguments too, as if each function were strict.
     tool_strict_level: Literal["auto", "function", "parameter"] = "auto"
     reasoning_parser: str | None = None
+    # The engine's structured output backend (vLLM's --structured-outputs-config backend),
+    # checked against vLLM's list at start-up: auto, xgrammar, guidance, outlines, ...
+    structured_outputs_backend: str = "auto"
 
     # --- LoRA adapters (name -> a Hugging Face repo id or a local folder) ------------
     lora_modules: dict[str, str] | None = None

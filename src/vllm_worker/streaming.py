@@ -51,6 +51,7 @@ class FinalChunk(_FinalFields, total=False):
     each sequence's log-probabilities when the job asked for them."""
 
     logprobs: list[list[LogprobEntry]]
+    prompt_logprobs: list[LogprobEntry | None]  # None for the prompt's first token
 
 
 @dataclass
@@ -69,6 +70,12 @@ class _Sequence:
     def add_text(self, text: str) -> None:
         self.unsent.append(text)
         self.unsent_bytes += json_bytes(text)
+
+
+def _entry(logprob: TokenLogprob) -> LogprobEntry:
+    return LogprobEntry(
+        token=logprob.token, logprob=logprob.logprob, top_logprobs=logprob.top_logprobs
+    )
 
 
 def json_bytes(text: str) -> int:
@@ -92,9 +99,11 @@ class ChunkBuilder:
                 sequence.add_text(prompt)
         self._mode = mode
         self.prompt_tokens = 0
+        self._prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     def add(self, update: EngineUpdate) -> None:
         self.prompt_tokens = update.prompt_tokens
+        self._prompt_logprobs += update.prompt_logprobs
         for delta in update.sequences:
             sequence = self._sequences[delta.index]
             sequence.add_text(delta.text)
@@ -120,7 +129,7 @@ class ChunkBuilder:
         """A streamed chunk with what has arrived since the previous chunk."""
         return Chunk(text=self._texts())
 
-    def final_chunk(self, *, with_logprobs: bool) -> FinalChunk:
+    def final_chunk(self, *, with_logprobs: bool, with_prompt_logprobs: bool = False) -> FinalChunk:
         """The last chunk: the remaining text, why each sequence stopped, and usage."""
         chunk = FinalChunk(
             text=self._texts(),
@@ -133,12 +142,10 @@ class ChunkBuilder:
         )
         if with_logprobs:
             chunk["logprobs"] = [
-                [
-                    LogprobEntry(token=e.token, logprob=e.logprob, top_logprobs=e.top_logprobs)
-                    for e in sequence.logprobs
-                ]
-                for sequence in self._sequences
+                [_entry(e) for e in sequence.logprobs] for sequence in self._sequences
             ]
+        if with_prompt_logprobs:
+            chunk["prompt_logprobs"] = [_entry(e) if e else None for e in self._prompt_logprobs]
         return chunk
 
     def _texts(self) -> list[str]:

@@ -96,13 +96,7 @@ async def _run(
     job_input: JobInput,
 ) -> AsyncIterator[Chunk]:
     stats = _JobStats(started=time.perf_counter())
-    if job_input.messages is not None:
-        messages = [message.model_dump() for message in job_input.messages]
-        chat = render_chat(messages, chat_template, engine.tokenizer, settings.model_name)
-        prompt, prompt_token_ids = chat.text, chat.token_ids
-    else:
-        prompt = job_input.prompt or ""
-        prompt_token_ids = engine.tokenize(prompt)
+    prompt, prompt_token_ids = _prompt(engine, settings, chat_template, job_input)
     max_tokens = _max_tokens(job_input, len(prompt_token_ids), engine.max_model_len, settings)
     _check_min_tokens(job_input, max_tokens)
     adapter = _adapter_for(job_input.model, settings)
@@ -131,9 +125,33 @@ async def _run(
             stats.first_token = now
         if (chunk := stream.add(update, now)) is not None:
             yield chunk
-    final = builder.final_chunk(with_logprobs=job_input.sampling_params.logprobs is not None)
+    sampling = job_input.sampling_params
+    final = builder.final_chunk(
+        with_logprobs=sampling.logprobs is not None,
+        with_prompt_logprobs=sampling.prompt_logprobs is not None,
+    )
     _log_job(job_id, stats, builder, final["finish_reason"])
     yield final
+
+
+def _prompt(
+    engine: ServingEngine, settings: Settings, chat_template: str | None, job_input: JobInput
+) -> tuple[str, list[int]]:
+    """The prompt's text (what an echo shows) and its token ids."""
+    if job_input.messages is not None:
+        messages = [message.model_dump() for message in job_input.messages]
+        chat = render_chat(messages, chat_template, engine.tokenizer, settings.model_name)
+        prompt, prompt_token_ids = chat.text, chat.token_ids
+    else:
+        prompt = job_input.prompt or ""
+        prompt_token_ids = engine.tokenize(prompt)
+    keep = job_input.sampling_params.truncate_prompt_tokens
+    if keep is not None and keep < len(prompt_token_ids):
+        # The prompt's last tokens, as vLLM truncates (its tokenizers' side is the left);
+        # an echo shows the prompt the model saw.
+        prompt_token_ids = prompt_token_ids[-keep:]
+        prompt = str(engine.tokenizer.decode(prompt_token_ids))
+    return prompt, prompt_token_ids
 
 
 def _max_tokens(

@@ -31,6 +31,10 @@ def settings(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Settings:
             # Two adapters, served side by side (tests/integration/test_lora.py).
             "LORA_MODULES": lora_modules(tiny_adapters),
             "MAX_LORAS": "2",
+            # Structured output without free whitespace (tests/integration/test_vllm_fields.py):
+            # the random model would otherwise fill a JSON object with blanks until max_tokens.
+            "STRUCTURED_OUTPUTS_BACKEND": "xgrammar",
+            "ENGINE_ARGS": '{"structured_outputs_config": {"disable_any_whitespace": true}}',
         }
     )
 

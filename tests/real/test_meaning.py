@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 
@@ -163,6 +164,27 @@ def test_a_greedy_tokens_logprob_is_the_largest_of_its_top_list(runpod: Endpoint
         assert entry["logprob"] == max(entry["top_logprobs"].values())
         assert entry["top_logprobs"][entry["token"]] == entry["logprob"]
     assert "Paris" in "".join(entry["token"] for entry in entries)
+
+
+def test_a_json_schema_gets_valid_json_with_the_right_answer(runpod: EndpointClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+        "required": ["country", "capital"],
+        "additionalProperties": False,
+    }
+    question = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    sampling = {"temperature": 0, "max_tokens": 64, "structured_outputs": {"json": schema}}
+    [*_, final] = run(runpod, {"messages": question, "sampling_params": sampling})
+    assert final["finish_reason"] == ["stop"]  # the JSON ended, not max_tokens
+    answer = json.loads(final["text"][0])
+    jsonschema.validate(answer, schema)
+    assert "Paris" in answer["capital"]
+    # Any JSON object (json_object): the model chooses the keys.
+    sampling = {"temperature": 0, "max_tokens": 64, "structured_outputs": {"json_object": True}}
+    [*_, final] = run(runpod, {"messages": question, "sampling_params": sampling})
+    assert final["finish_reason"] == ["stop"]
+    assert "Paris" in json.dumps(json.loads(final["text"][0]))
 
 
 def check_weather_call(name: str, arguments: str) -> None:

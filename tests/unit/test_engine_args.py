@@ -151,3 +151,45 @@ def test_tool_and_reasoning_parsers_are_vllms_own(env: dict[str, str], message: 
 def test_a_known_tool_parser_passes() -> None:
     settings = Settings.from_env({"ENABLE_AUTO_TOOL_CHOICE": "1", "TOOL_CALL_PARSER": "hermes"})
     build_engine_args(settings)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xgrammar", "guidance", "outlines"])
+def test_the_structured_output_backend_is_vllms_own(backend: str) -> None:
+    args = build_engine_args(Settings.from_env({"STRUCTURED_OUTPUTS_BACKEND": backend}))
+    assert args.structured_outputs_config.backend == backend
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"STRUCTURED_OUTPUTS_BACKEND": "grammarly"},
+            r"^STRUCTURED_OUTPUTS_BACKEND='grammarly' is invalid: must be one of auto, xgrammar, ",
+        ),
+        (
+            {"ENGINE_ARGS": '{"structured_outputs_config": {"backend": "guidance"}}'},
+            r"^ENGINE_ARGS: 'structured_outputs_config' must be an object of vLLM's options "
+            r"without 'backend' \(set by STRUCTURED_OUTPUTS_BACKEND\)",
+        ),
+        (
+            # vLLM's own rule, in one line naming the backend it was checked with.
+            {"ENGINE_ARGS": '{"structured_outputs_config": {"disable_any_whitespace": true}}'},
+            r"^ENGINE_ARGS: 'structured_outputs_config' is invalid: disable_any_whitespace is "
+            r"only supported for xgrammar and guidance .*\(STRUCTURED_OUTPUTS_BACKEND='auto'\)$",
+        ),
+    ],
+)
+def test_a_structured_output_setting_vllm_refuses_stops_start_up(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build_engine_args(Settings.from_env(env))
+
+
+def test_engine_args_add_structured_output_options_to_the_backend() -> None:
+    env = {
+        "STRUCTURED_OUTPUTS_BACKEND": "xgrammar",
+        "ENGINE_ARGS": '{"structured_outputs_config": {"disable_any_whitespace": true}}',
+    }
+    config = build_engine_args(Settings.from_env(env)).structured_outputs_config
+    assert (config.backend, config.disable_any_whitespace) == ("xgrammar", True)

@@ -1,16 +1,12 @@
 """Job input validation: strict types, ranges, unknown keys named, one-line messages."""
 
-import json
 from typing import Any
 
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import SEED_INPUT
 from vllm_worker.errors import InvalidInputError
 from vllm_worker.schema import JobInput, parse_job_input
-
-# The seed endpoint's request, as the repository ships it for local runs.
-SEED_INPUT = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
 
 
 def parse(raw: Any) -> JobInput:
@@ -282,7 +278,79 @@ def test_top_k_fits_the_engine_s_integers() -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["best_of", "use_beam_search", "length_penalty", "early_stopping", "logit_bias"]
+    "field", ["best_of", "use_beam_search", "length_penalty", "early_stopping"]
 )
 def test_fields_vllm_has_but_this_worker_refuses_say_why(field: str) -> None:
     assert f"sampling_params.{field}: not supported: " in rejected(with_params(**{field: 2}))
+
+
+def test_vllms_token_fields_are_taken_with_its_names() -> None:
+    params = parse(
+        with_params(
+            logit_bias={"12": -100, "7": 2.5},
+            allowed_token_ids=[1, 2, 3],
+            prompt_logprobs=0,
+            truncate_prompt_tokens=8,
+        )
+    ).sampling_params
+    assert params.logit_bias == {"12": -100.0, "7": 2.5}
+    assert (params.allowed_token_ids, params.prompt_logprobs) == ([1, 2, 3], 0)
+    assert params.truncate_prompt_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"logit_bias": {"x": 1}}, "sampling_params.logit_bias: each key must be a token id"),
+        ({"logit_bias": {"5": 101}}, 'sampling_params.logit_bias["5"]: Input should be less'),
+        ({"logit_bias": {}}, "sampling_params.logit_bias: Dictionary should have at least 1"),
+        ({"allowed_token_ids": []}, "sampling_params.allowed_token_ids: List should have at"),
+        ({"allowed_token_ids": [-1]}, "sampling_params.allowed_token_ids[0]: Input should be"),
+        ({"prompt_logprobs": 21}, "sampling_params.prompt_logprobs: Input should be less than"),
+        ({"truncate_prompt_tokens": 0}, "sampling_params.truncate_prompt_tokens: Input should"),
+    ],
+)
+def test_token_fields_out_of_range_are_named(params: dict[str, Any], expected: str) -> None:
+    assert rejected(with_params(**params)).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("form", "value"),
+    [
+        ("json", {"type": "object", "properties": {"city": {"type": "string"}}}),
+        ("json", '{"type": "integer"}'),  # its JSON text, as vLLM takes it too
+        ("regex", r"[0-9]{3}"),
+        ("choice", ["yes", "no"]),
+        ("grammar", 'root ::= "yes" | "no"'),
+        ("json_object", True),
+        ("structural_tag", '{"type": "structural_tag"}'),
+    ],
+)
+def test_each_structured_output_form_is_taken(form: str, value: Any) -> None:
+    wanted = parse(with_params(structured_outputs={form: value})).sampling_params
+    assert wanted.structured_outputs is not None
+    assert wanted.structured_outputs.form == form
+    assert wanted.structured_outputs.form_value(form) == value
+
+
+@pytest.mark.parametrize(
+    ("structured", "expected"),
+    [
+        ({}, "sampling_params.structured_outputs: set exactly one of json, regex, choice, "),
+        ({"regex": "a", "choice": ["a"]}, "(got regex, choice)"),
+        ({"json": "{nope"}, "sampling_params.structured_outputs.json: not valid JSON"),
+        ({"json": 7}, "structured_outputs.json: must be a JSON schema: an object, or its JSON"),
+        ({"choice": []}, "sampling_params.structured_outputs.choice: List should have at least"),
+        ({"grammar": "  "}, "structured_outputs.grammar: must not be empty or only whitespace"),
+        ({"json_object": False}, "sampling_params.structured_outputs.json_object: Input should"),
+        ({"regexp": "a"}, "structured_outputs.regexp: unknown field; allowed: json, regex, "),
+        (
+            {"regex": "a", "whitespace_pattern": " "},
+            "structured_outputs.whitespace_pattern: not supported: vLLM 0.32 takes it from",
+        ),
+    ],
+)
+def test_a_structured_output_of_the_wrong_shape_is_named(
+    structured: dict[str, Any], expected: str
+) -> None:
+    assert expected in rejected(with_params(structured_outputs=structured))

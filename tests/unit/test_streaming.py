@@ -229,3 +229,23 @@ def test_a_job_that_is_not_streamed_sends_only_its_final_chunk() -> None:
     assert stream.add(update(SequenceDelta(0, "a", 1)), 0.0) is None
     assert stream.add(update(SequenceDelta(0, "b", 1, "stop"), finished=True), 1.0) is None
     assert builder.final_chunk(with_logprobs=False)["text"] == ["Qab"]
+
+
+def test_prompt_logprobs_come_once_and_only_in_the_final_chunk_asked_for() -> None:
+    builder = ChunkBuilder(prompt="Q", n=1, echo=False, mode="delta")
+    second = TokenLogprob(token="b", logprob=-2.0, top_logprobs={"b": -2.0, "z": -0.1})
+    first_output = EngineUpdate(
+        prompt_tokens=2,
+        sequences=(SequenceDelta(0, "a", 1),),
+        finished=False,
+        prompt_logprobs=(None, second),
+    )
+    builder.add(first_output)
+    assert "prompt_logprobs" not in builder.chunk()
+    builder.add(update(SequenceDelta(0, "c", 1, "length"), finished=True))
+    final = builder.final_chunk(with_logprobs=False, with_prompt_logprobs=True)
+    assert final["prompt_logprobs"] == [
+        None,  # nothing comes before the prompt's first token
+        {"token": "b", "logprob": -2.0, "top_logprobs": {"b": -2.0, "z": -0.1}},
+    ]
+    assert "prompt_logprobs" not in builder.final_chunk(with_logprobs=False)
