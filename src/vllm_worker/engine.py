@@ -321,7 +321,19 @@ def _to_update(output: Any, held: dict[int, list[Any]], tokenizer: Any) -> Engin
         ),
         finished=output.finished,
         prompt_logprobs=_to_prompt_logprobs(output, tokenizer),
+        **(_request_stats(output) if output.finished else {}),
     )
+
+
+def _request_stats(output: Any) -> dict[str, Any]:
+    """What vLLM measured of a finished request: the queue wait (its engine core's clock;
+    kept while the worker's stat logger keeps vLLM's stats on) and prefix cache hits."""
+    stats = output.metrics
+    waited = stats is not None and stats.scheduled_ts > 0 and stats.queued_ts > 0
+    return {
+        "queue_s": max(0.0, stats.scheduled_ts - stats.queued_ts) if waited else None,
+        "cached_prompt_tokens": output.num_cached_tokens,
+    }
 
 
 def _to_prompt_logprobs(output: Any, tokenizer: Any) -> tuple[TokenLogprob | None, ...]:

@@ -58,6 +58,10 @@ class EngineUpdate:
     finished: bool
     # The prompt's log-probabilities, once (when asked for): None for its first token.
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    # Reported by vLLM with the last update (None where it reports nothing): the time the
+    # request waited in its scheduler's queue, and the prompt tokens its prefix cache held.
+    queue_s: float | None = None
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
 RESPONSES = "/v1/responses"
-ROUTES = (CHAT, COMPLETIONS, RESPONSES, MODELS)
+# The Anthropic Messages API, as vLLM serves it (``vllm serve``'s /v1/messages).
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+# vLLM's /tokenize and /detokenize, under RunPod's /openai/v1 as every route here is.
+TOKENIZE = "/v1/tokenize"
+DETOKENIZE = "/v1/detokenize"
+ROUTES = (CHAT, COMPLETIONS, RESPONSES, MODELS, MESSAGES, COUNT_TOKENS, TOKENIZE, DETOKENIZE)
 
 _KEYS = ("openai_route", "openai_input")
 
@@ -32,7 +38,9 @@ class OpenAIJob:
 
     @property
     def stream(self) -> bool:
-        return self.route != MODELS and self.body.get("stream") is True
+        return self.route in (CHAT, COMPLETIONS, RESPONSES, MESSAGES) and (
+            self.body.get("stream") is True
+        )
 
 
 def is_openai_job(job_input: Any) -> bool:

@@ -1,8 +1,10 @@
 """RunPod's OpenAI-compatible routes, served in-process by vLLM's own OpenAI layer.
 
-``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` and ``/v1/models`` go to
-the same serving classes ``vllm serve`` uses (``OpenAIServingChat``,
-``OpenAIServingCompletion``, ``OpenAIServingResponses``, ``OpenAIServingModels``), built
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/models``, the
+Anthropic Messages API (``/v1/messages``, ``/v1/messages/count_tokens``) and
+``/v1/tokenize``, ``/v1/detokenize`` go to the same serving classes ``vllm serve`` uses
+(``OpenAIServingChat``, ``OpenAIServingCompletion``, ``OpenAIServingResponses``,
+``OpenAIServingModels``, ``AnthropicServingMessages``, ``ServingTokenization``), built
 once at start-up on the worker's shared engine, so that sampling, usage, ``n``, ``stop``,
 ``seed``, ``logprobs``, ``response_format``, tool calls (``TOOL_CALL_PARSER``,
 ``ENABLE_AUTO_TOOL_CHOICE``), reasoning output (``REASONING_PARSER``), LoRA adapters
@@ -13,7 +15,7 @@ What a job yields, as RunPod's own vLLM worker (runpod-workers/worker-vllm) does
 RunPod relays it to the HTTP client:
 
 - a non-streaming request: one output, the response object (``chat.completion``,
-  ``text_completion``, ``list``);
+  ``text_completion``, ``list``, ``message``, the token counts or ids);
 - a streaming request: text holding the server-sent events ``data: {...}\\n\\n`` as vLLM
   writes them, ending with ``data: [DONE]\\n\\n`` (``/v1/responses``: ``event: <type>``
   and ``data: {...}`` per event, as ``vllm serve`` writes them); events that come within
@@ -31,7 +33,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from vllm.entrypoints.anthropic.protocol import (
+    AnthropicCountTokensRequest,
+    AnthropicMessagesRequest,
+)
+from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -42,11 +49,24 @@ from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.renderers.online_renderer import OnlineRenderer
 
 from vllm_worker.engine import Engine
 from vllm_worker.errors import EngineError, OpenAIRequestError, SettingsError, WorkerError
-from vllm_worker.openai_input import CHAT, MODELS, RESPONSES, OpenAIJob, served_model_name
+from vllm_worker.openai_input import (
+    CHAT,
+    COMPLETIONS,
+    COUNT_TOKENS,
+    DETOKENIZE,
+    MESSAGES,
+    MODELS,
+    RESPONSES,
+    TOKENIZE,
+    OpenAIJob,
+    served_model_name,
+)
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import EmissionClock
 
@@ -58,21 +78,13 @@ class OpenAIRoutes:
     """vLLM's serving objects for the OpenAI routes, on the worker's engine."""
 
     def __init__(
-        self,
-        models: OpenAIServingModels,
-        chat: OpenAIServingChat,
-        completion: OpenAIServingCompletion,
-        responses: OpenAIServingResponses,
-        *,
-        stream_min_interval_s: float,
-        tool_calling: bool,
+        self, models: OpenAIServingModels, *, stream_min_interval_s: float, tool_calling: bool
     ) -> None:
         self.models = models
-        self.chat = chat
-        self.completion = completion
-        self.responses = responses
         self._stream_min_interval_s = stream_min_interval_s
         self._tool_calling = tool_calling
+        # vLLM's serving object of each route, and how its request body is read.
+        self._routes: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def build(cls, engine: Engine, settings: Settings, chat_template: str | None) -> OpenAIRoutes:
@@ -109,23 +121,41 @@ class OpenAIRoutes:
         _check_parsers_fit(engine.tokenizer, llm.model_config, settings)
         renderer = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer, **shared)
         renderer.warmup()
+        routes = cls(
+            models,
+            stream_min_interval_s=settings.stream_min_interval_ms / 1000,
+            tool_calling=settings.tool_call_parser is not None,
+        )
         chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared)
         completion = OpenAIServingCompletion(
             llm, models, online_renderer=renderer, request_logger=None
         )
         responses = OpenAIServingResponses(llm, models, renderer, **shared)
-        return cls(
-            models,
-            chat,
-            completion,
-            responses,
-            stream_min_interval_s=settings.stream_min_interval_ms / 1000,
-            tool_calling=settings.tool_call_parser is not None,
+        messages = AnthropicServingMessages(
+            llm, models, "assistant", online_renderer=renderer, **shared
         )
+        tokenization = ServingTokenization(
+            models,
+            renderer,
+            chat_template=chat_template,
+            chat_template_content_format=_CONTENT_FORMAT,
+            request_logger=None,
+        )
+        routes._routes = {
+            CHAT: (chat.create_chat_completion, ChatCompletionRequest),
+            COMPLETIONS: (completion.create_completion, CompletionRequest),
+            RESPONSES: (responses.create_responses, ResponsesRequest),
+            MESSAGES: (messages.create_messages, AnthropicMessagesRequest),
+            COUNT_TOKENS: (messages.count_tokens, AnthropicCountTokensRequest),
+            TOKENIZE: (_with_no_raw_request(tokenization.create_tokenize), TokenizeRequest),
+            DETOKENIZE: (_with_no_raw_request(tokenization.create_detokenize), DetokenizeRequest),
+        }
+        return routes
 
     def close(self) -> None:
         """Let go of vLLM's serving objects (each holds the engine) once it has stopped."""
-        del self.models, self.chat, self.completion, self.responses
+        self._routes.clear()
+        del self.models
 
     async def serve(self, job: OpenAIJob) -> AsyncIterator[Any]:
         """The job's outputs (see the module docstring); ``WorkerError`` when refused."""
@@ -148,10 +178,7 @@ class OpenAIRoutes:
         if isinstance(result, ErrorResponse):
             raise _to_worker_error(result)
         if not isinstance(result, AsyncIterator):
-            # As vLLM's own API server answers each route.
-            yield (
-                result.model_dump(by_alias=True) if job.route == RESPONSES else result.model_dump()
-            )
+            yield _dumped(job.route, result)  # as vLLM's own API server answers each route
             return
         events = _sse(result) if job.route == RESPONSES else result
         async for text in coalesce(events, EmissionClock(self._stream_min_interval_s)):
@@ -159,19 +186,33 @@ class OpenAIRoutes:
 
     async def _start(self, job: OpenAIJob) -> Any:
         """vLLM's answer: a response, an ErrorResponse, or the stream's event generator."""
+        serve, request_type = self._routes[job.route]
         try:
-            if job.route == CHAT:
-                chat_request = ChatCompletionRequest.model_validate(job.body)
-                return await self.chat.create_chat_completion(chat_request)
-            if job.route == RESPONSES:
-                responses_request = ResponsesRequest.model_validate(job.body)
-                return await self.responses.create_responses(responses_request)
-            request = CompletionRequest.model_validate(job.body)
-            return await self.completion.create_completion(request)
+            return await serve(TypeAdapter(request_type).validate_python(job.body))
         except ValidationError as error:
             raise _invalid_request(error) from None
         except Exception as error:  # what vLLM's API server turns into an error response
             raise _to_worker_error(create_error_response(error)) from error
+
+
+def _with_no_raw_request(serve: Any) -> Any:
+    """A tokenization call without the HTTP request ``vllm serve`` passes (it only names
+    the request's id from it, and makes one up without it)."""
+
+    async def call(request: Any) -> Any:
+        return await serve(request, None)
+
+    return call
+
+
+def _dumped(route: str, response: Any) -> Any:
+    """A response object as ``vllm serve`` writes it: the Responses API by its aliases,
+    the Anthropic API without its unset fields."""
+    if route == RESPONSES:
+        return response.model_dump(by_alias=True)
+    if route in (MESSAGES, COUNT_TOKENS):
+        return response.model_dump(exclude_none=True)
+    return response.model_dump()
 
 
 def _check_parsers_fit(tokenizer: Any, model_config: Any, settings: Settings) -> None:

@@ -41,6 +41,16 @@ class LogprobEntry(TypedDict):
     top_logprobs: dict[str, float]  # the likeliest tokens at that place, the sampled one too
 
 
+class JobMetrics(TypedDict):
+    """How the job went, in the worker (docs/input-output.md, field by field)."""
+
+    time_in_queue_ms: float | None  # in vLLM's scheduler queue before its first step
+    time_to_first_token_ms: float  # from the job's start in the worker
+    generation_ms: float  # from the first token to the last
+    tokens_per_s: float  # completion tokens (all sequences) over the job's whole time
+    cached_prompt_tokens: int | None  # prompt tokens vLLM's prefix cache already held
+
+
 class _FinalFields(Chunk):
     finish_reason: list[str | None]  # "stop" (EOS, a stop string or token) or "length"
     usage: Usage
@@ -52,6 +62,7 @@ class FinalChunk(_FinalFields, total=False):
 
     logprobs: list[list[LogprobEntry]]
     prompt_logprobs: list[LogprobEntry | None]  # None for the prompt's first token
+    metrics: JobMetrics
 
 
 @dataclass

@@ -14,13 +14,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm_worker.chat import render_chat
-from vllm_worker.engine_types import GenerationRequest, Handler, ServingEngine
+from vllm_worker.engine_types import EngineUpdate, GenerationRequest, Handler, ServingEngine
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
 from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
 from vllm_worker.openai_input import is_openai_job, parse_openai_job, served_model_name
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
-from vllm_worker.streaming import Chunk, ChunkBuilder, EmissionClock, JobStream
+from vllm_worker.streaming import (
+    Chunk,
+    ChunkBuilder,
+    EmissionClock,
+    FinalChunk,
+    JobMetrics,
+    JobStream,
+)
 
 if TYPE_CHECKING:  # openai_routes.py imports vLLM; this module must not need it
     from vllm_worker.openai_routes import OpenAIRoutes
@@ -30,8 +37,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _JobStats:
+    """A job's times in the worker (``time.perf_counter()``) and what vLLM measured."""
+
     started: float
     first_token: float | None = None
+    last_token: float | None = None
+    queue_s: float | None = None
+    cached_prompt_tokens: int | None = None
+
+    def add(self, update: EngineUpdate, now: float) -> None:
+        self.first_token = self.first_token or now
+        self.last_token = now
+        if update.finished:
+            self.queue_s, self.cached_prompt_tokens = update.queue_s, update.cached_prompt_tokens
+
+    def metrics(self, completion_tokens: int, now: float) -> JobMetrics:
+        first = self.first_token or now
+        elapsed = now - self.started
+        return JobMetrics(
+            time_in_queue_ms=None if self.queue_s is None else round(self.queue_s * 1000, 1),
+            time_to_first_token_ms=round((first - self.started) * 1000, 1),
+            generation_ms=round(((self.last_token or first) - first) * 1000, 1),
+            tokens_per_s=round(completion_tokens / elapsed, 1) if elapsed > 0 else 0.0,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
 
 
 def make_handler(
@@ -121,8 +150,7 @@ async def _run(
     # that each update here is one chunk (and nothing here runs per token).
     async for update in engine.generate(request, stream.due if job_input.stream else None):
         now = time.perf_counter()
-        if stats.first_token is None:
-            stats.first_token = now
+        stats.add(update, now)
         if (chunk := stream.add(update, now)) is not None:
             yield chunk
     sampling = job_input.sampling_params
@@ -130,7 +158,8 @@ async def _run(
         with_logprobs=sampling.logprobs is not None,
         with_prompt_logprobs=sampling.prompt_logprobs is not None,
     )
-    _log_job(job_id, stats, builder, final["finish_reason"])
+    final["metrics"] = stats.metrics(builder.completion_tokens, time.perf_counter())
+    _log_job(job_id, builder, final)
     yield final
 
 
@@ -193,17 +222,15 @@ def _check_min_tokens(job_input: JobInput, max_tokens: int) -> None:
         )
 
 
-def _log_job(job_id: str, stats: _JobStats, builder: ChunkBuilder, reasons: list[Any]) -> None:
-    elapsed = time.perf_counter() - stats.started
-    ttft_ms = ((stats.first_token or stats.started) - stats.started) * 1000
-    tokens = builder.completion_tokens
+def _log_job(job_id: str, builder: ChunkBuilder, final: FinalChunk) -> None:
+    metrics = final["metrics"]
     log.info(
         "job %s done: prompt_tokens=%d completion_tokens=%d ttft_ms=%.0f tokens_per_s=%.1f "
         "finish_reason=%s",
         job_id,
         builder.prompt_tokens,
-        tokens,
-        ttft_ms,
-        tokens / elapsed if elapsed > 0 else 0.0,
-        ",".join(str(reason) for reason in reasons),
+        builder.completion_tokens,
+        metrics["time_to_first_token_ms"],
+        metrics["tokens_per_s"],
+        ",".join(str(reason) for reason in final["finish_reason"]),
     )

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import jsonschema
 import openai
 import pytest
@@ -364,3 +365,84 @@ def test_an_adapter_is_chosen_by_model_in_both_apis(
         assert completion.choices[0].text == final["output"][-1]["text"][0]
         texts[name] = completion.choices[0].text
     assert texts["alpha"] != texts[model]  # the adapter answers, not the base model
+
+
+# --- the Anthropic Messages API and tokenization, through the same route ---------------
+
+
+@pytest.fixture(scope="module")
+def claude(endpoint: EndpointProcess) -> anthropic.Anthropic:
+    """The official ``anthropic`` client, with RunPod's key as its bearer token."""
+    return anthropic.Anthropic(
+        base_url=f"{endpoint.url}/openai",
+        auth_token=API_KEY,
+        max_retries=0,
+        timeout=JOB_TIMEOUT_S,
+    )
+
+
+def test_anthropic_messages_answer_streamed_and_not(
+    claude: anthropic.Anthropic, model: str
+) -> None:
+    request: dict[str, Any] = {
+        "model": model,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "Name three rivers of Europe."}],
+        "max_tokens": 12,
+        # Greedy: the client (2.x) has no temperature argument; vLLM's request has one.
+        "extra_body": {"temperature": 0},
+    }
+    message = claude.messages.create(**request)
+    assert message.type == "message" and message.role == "assistant"
+    [block] = message.content
+    assert block.type == "text"
+    if message.stop_reason == "max_tokens":  # the random model may end by itself
+        assert message.usage.output_tokens == 12
+    assert message.usage.input_tokens > 10  # the system prompt and the question, templated
+    with claude.messages.stream(**request) as stream:
+        events = list(stream)
+        streamed = stream.get_final_message()
+    assert events[0].type == "message_start" and events[-1].type == "message_stop"
+    assert streamed.content[0].text == block.text  # type: ignore[union-attr]  # greedy: the same
+    assert streamed.stop_reason == message.stop_reason
+    counted = claude.messages.count_tokens(
+        model=model, system=request["system"], messages=request["messages"]
+    )  # the same conversation, templated alike
+    assert counted.input_tokens == message.usage.input_tokens
+
+
+def test_anthropic_errors_are_status_codes(claude: anthropic.Anthropic, model: str) -> None:
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=-3
+        )
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(
+            model="no-such-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+        )
+
+
+def test_tokenize_and_detokenize_round_trip(endpoint: EndpointProcess, model: str) -> None:
+    """As with curl: POST the body, read the JSON."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    base = f"{endpoint.url}/openai/v1"
+    text = "Once upon a time"
+    tokens = requests.post(
+        f"{base}/tokenize", json={"model": model, "prompt": text}, headers=headers, timeout=60
+    ).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 1
+    assert tokens["max_model_len"] > 0
+    back = requests.post(
+        f"{base}/detokenize",
+        json={"model": model, "tokens": tokens["tokens"]},
+        headers=headers,
+        timeout=60,
+    ).json()
+    assert back["prompt"].endswith(text)  # after the BOS token's text, if any
+    chat = requests.post(
+        f"{base}/tokenize",
+        json={"model": model, "messages": [{"role": "user", "content": text}]},
+        headers=headers,
+        timeout=60,
+    ).json()
+    assert chat["count"] > tokens["count"]  # the chat template's tokens too

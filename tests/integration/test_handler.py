@@ -116,6 +116,7 @@ def test_stream_false_sends_one_final_chunk(run: Run, handler: Handler) -> None:
     streamed = run(collect(handler, job(**sampling)))
     single = run(collect(handler, {**job(**sampling), "stream": False}))
     assert len(single) == 1
+    del single[0]["metrics"], streamed[-1]["metrics"]  # the times differ; the rest may not
     assert single[0] == streamed[-1]
 
 
@@ -268,3 +269,16 @@ def test_cancelling_a_job_aborts_its_engine_request(
     assert run(cancel_after_two_chunks()) == 0
     assert "finish_reason" not in received[-1]
     assert run(collect(handler, job(max_tokens=5)))[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_the_final_chunk_has_the_jobs_metrics_from_the_engine(run: Run, handler: Handler) -> None:
+    """vLLM's own figures reach the final chunk: its queue time, and its prefix cache's
+    hits when the same long prompt comes twice."""
+    prompt = PROMPT + " And then" * 60  # several KV-cache blocks
+    request = job(prompt, max_tokens=4, ignore_eos=True)
+    first, second = (run(collect(handler, request))[-1]["metrics"] for _ in range(2))
+    for metrics in (first, second):
+        assert metrics["time_in_queue_ms"] is not None and metrics["time_in_queue_ms"] >= 0
+        assert metrics["time_to_first_token_ms"] > 0 and metrics["generation_ms"] >= 0
+        assert metrics["tokens_per_s"] > 0
+    assert second["cached_prompt_tokens"] > first["cached_prompt_tokens"]

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import jsonschema
 import openai
 import pytest
@@ -141,6 +142,19 @@ def test_a_stop_string_ends_the_text_before_it(runpod: EndpointClient) -> None:
     assert final["finish_reason"] == ["stop"]
     assert text == whole["text"][0].split("5", 1)[0]
     assert text.rstrip().endswith("4,")
+
+
+def test_the_anthropic_api_answers_and_stops_at_a_stop_sequence(endpoint: EndpointProcess) -> None:
+    claude = anthropic.Anthropic(
+        base_url=f"{endpoint.url}/openai", auth_token="unused", max_retries=0, timeout=JOB_TIMEOUT_S
+    )
+    question = {"model": SERVED_NAME, "max_tokens": 32, "extra_body": {"temperature": 0}}
+    answer = claude.messages.create(**question, messages=CAPITAL)  # type: ignore[arg-type]
+    assert "Paris" in answer.content[0].text  # type: ignore[union-attr]
+    count = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    stopped = claude.messages.create(**question, messages=count, stop_sequences=["5"])  # type: ignore[arg-type]
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "5")
+    assert stopped.content[0].text.rstrip().endswith("4,")  # type: ignore[union-attr]
 
 
 def test_n_2_with_a_seed_is_reproducible(runpod: EndpointClient) -> None:

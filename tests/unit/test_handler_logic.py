@@ -28,6 +28,7 @@ from vllm_worker.tiny_model import build_tokenizer
 from vllm_worker.worker import make_handler
 
 CONTEXT = 64  # MAX_MODEL_LEN of the scripted engine
+QUEUE_S = 0.0025  # the scripted engine's time in its queue
 
 
 class ScriptedEngine:
@@ -55,7 +56,9 @@ class ScriptedEngine:
                 SequenceDelta(index, self.words[step], 1, reason)
                 for index in range(request.sampling.n)
             )
-            yield EngineUpdate(prompt_tokens, deltas, finished=last)
+            # vLLM's own figures come with the last update.
+            stats = {"queue_s": QUEUE_S, "cached_prompt_tokens": 2} if last else {}
+            yield EngineUpdate(prompt_tokens, deltas, finished=last, **stats)
             await asyncio.sleep(0)
 
     def load(self) -> EngineLoad | None:
@@ -126,6 +129,7 @@ def test_cumulative_chunks_hold_the_prompt_and_all_text_so_far(tokenizer: Any) -
     chunks = run(handler, {"prompt": "Q:", "sampling_params": {"n": 2}})
     assert chunks[:-1] == [{"text": ["Q: a", "Q: a"]}, {"text": ["Q: a b", "Q: a b"]}]
     prompt_tokens = len(tokenizer.encode("Q:"))
+    del chunks[-1]["metrics"]  # test_the_final_chunk_has_the_jobs_metrics
     assert chunks[-1] == {
         "text": ["Q: a b c", "Q: a b c"],
         "finish_reason": ["length", "length"],
@@ -148,7 +152,25 @@ def test_a_job_that_is_not_streamed_gets_its_final_chunk_only(tokenizer: Any) ->
     handler = make_handler(ScriptedEngine(tokenizer), settings(), None)
     (final,) = run(handler, {"prompt": "Q:", "stream": False})
     assert final["text"] == ["Q: a b c"]
-    assert set(final) == {"text", "finish_reason", "usage"}
+    assert set(final) == {"text", "finish_reason", "usage", "metrics"}
+
+
+def test_the_final_chunk_has_the_jobs_metrics(tokenizer: Any) -> None:
+    handler = make_handler(ScriptedEngine(tokenizer), settings(), None)
+    *chunks, final = run(handler, {"prompt": "Q:", "sampling_params": {"n": 2}})
+    assert all("metrics" not in chunk for chunk in chunks)
+    metrics = final["metrics"]
+    assert metrics["time_in_queue_ms"] == QUEUE_S * 1000  # vLLM's, as it gave it
+    assert metrics["cached_prompt_tokens"] == 2
+    assert metrics["time_to_first_token_ms"] >= 0 and metrics["generation_ms"] >= 0
+    assert metrics["tokens_per_s"] > 0  # 6 tokens in the job's time
+    assert set(metrics) == {
+        "time_in_queue_ms",
+        "time_to_first_token_ms",
+        "generation_ms",
+        "tokens_per_s",
+        "cached_prompt_tokens",
+    }
 
 
 def test_a_bad_job_fails_alone_and_the_next_job_is_served(tokenizer: Any) -> None:
