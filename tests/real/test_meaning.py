@@ -180,14 +180,17 @@ def test_a_greedy_tokens_logprob_is_the_largest_of_its_top_list(runpod: Endpoint
     assert "Paris" in "".join(entry["token"] for entry in entries)
 
 
+CAPITAL_SCHEMA = {
+    "type": "object",
+    "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+    "required": ["country", "capital"],
+    "additionalProperties": False,
+}
+CAPITAL_IN_JSON = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+
+
 def test_a_json_schema_gets_valid_json_with_the_right_answer(runpod: EndpointClient) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
-        "required": ["country", "capital"],
-        "additionalProperties": False,
-    }
-    question = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    schema, question = CAPITAL_SCHEMA, CAPITAL_IN_JSON
     sampling = {"temperature": 0, "max_tokens": 64, "structured_outputs": {"json": schema}}
     [*_, final] = run(runpod, {"messages": question, "sampling_params": sampling})
     assert final["finish_reason"] == ["stop"]  # the JSON ended, not max_tokens
@@ -199,6 +202,22 @@ def test_a_json_schema_gets_valid_json_with_the_right_answer(runpod: EndpointCli
     [*_, final] = run(runpod, {"messages": question, "sampling_params": sampling})
     assert final["finish_reason"] == ["stop"]
     assert "Paris" in json.dumps(json.loads(final["text"][0]))
+
+
+def test_the_openai_chat_routes_json_schema_response_format(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model=SERVED_NAME,
+        messages=CAPITAL_IN_JSON,  # type: ignore[arg-type]
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA, "strict": True},
+        },
+        temperature=0,
+        max_tokens=64,
+    )
+    answer = json.loads(response.choices[0].message.content or "")
+    jsonschema.validate(answer, CAPITAL_SCHEMA)
+    assert "Paris" in answer["capital"]
 
 
 def check_weather_call(name: str, arguments: str) -> None:
