@@ -308,3 +308,49 @@ def check_input_error(error: Any, raw: Any) -> str:
     assert MARKER not in error and MARKER.split(maxsplit=1)[0] not in error
     assert len(error) < 2000
     return error
+
+
+def structured_output_jobs() -> st.SearchStrategy[dict[str, Any]]:
+    """Jobs with a regex, a grammar, a JSON schema or choices drawn at random: valid or not,
+    compilable or not (``check_structured_output_error`` for those that fail)."""
+    texts = st.text(alphabet="()[]{}|*+?.^$\\-:=\"' azAZ09,", max_size=12)
+    schemas = st.recursive(
+        st.sampled_from([{"type": "string"}, {"type": "integer"}, {"enum": [1, "a"]}, {}]),
+        lambda inner: (
+            st.fixed_dictionaries({"type": st.just("array"), "items": inner})
+            | st.fixed_dictionaries(
+                {
+                    "type": st.sampled_from(["object", 5, "nothing"]),
+                    "properties": st.dictionaries(st.sampled_from("abc"), inner, max_size=2),
+                }
+            )
+        ),
+        max_leaves=4,
+    )
+    forms = st.one_of(
+        st.tuples(st.just("regex"), texts),
+        st.tuples(st.just("grammar"), texts.map(lambda body: f"root ::= {body}")),
+        st.tuples(st.just("json"), schemas),
+        st.tuples(st.just("choice"), st.lists(texts.filter(bool), min_size=1, max_size=3)),
+    )
+    return forms.map(
+        lambda form: {
+            "prompt": PROMPT,
+            "sampling_params": {
+                "max_tokens": 8,
+                "temperature": 0,
+                "structured_outputs": {form[0]: form[1]},
+            },
+        }
+    )
+
+
+def check_structured_output_error(error: Any, job: dict[str, Any]) -> None:
+    """A job of ``structured_output_jobs`` that failed: refused before the engine core, in
+    one line naming its form, or (compiled in the engine core only) failed there alone."""
+    if isinstance(error, str) and error.startswith("engine_error: "):
+        assert error.startswith("engine_error: the engine could not serve its structured output")
+        return
+    [form] = job["sampling_params"]["structured_outputs"]
+    message = check_input_error(error, job)
+    assert message.startswith(f"invalid_input: sampling_params.structured_outputs.{form}")

@@ -20,7 +20,15 @@ import pytest
 import requests
 from hypothesis import given
 
-from bad_inputs import MARKER, PROMPT, check_input_error, fuzz, malformed_input
+from bad_inputs import (
+    MARKER,
+    PROMPT,
+    check_input_error,
+    check_structured_output_error,
+    fuzz,
+    malformed_input,
+    structured_output_jobs,
+)
 from endpoint_process import EndpointProcess, health, start_endpoint, submit, wait_final
 
 HF_TOKEN = "hf_c2PrivacyCheckTokenDoNotLog0123"
@@ -60,6 +68,25 @@ def test_malformed_inputs_end_failed_with_a_one_line_error(endpoint: EndpointPro
     one()
     print(f"\nmalformed inputs through the endpoint: {sum(kinds.values())}, {dict(kinds)}")
     assert sum(kinds.values()) >= 50
+    final = wait_final(endpoint, submit(endpoint, {"prompt": PROMPT, "sampling_params": GREEDY}))
+    assert final["status"] == "COMPLETED", final
+
+
+def test_fuzzed_structured_outputs_end_each_alone(endpoint: EndpointProcess) -> None:
+    """Random constraints on the worker's default backend (``auto``: vLLM picks xgrammar,
+    guidance or outlines per request, its engine core keeps one): each job ends COMPLETED or
+    FAILED in one line, and the worker serves the next job."""
+
+    @fuzz(40)
+    @given(structured_output_jobs())
+    def one(job: dict[str, Any]) -> None:
+        body = wait_final(endpoint, submit(endpoint, job))
+        if body["status"] == "FAILED":
+            check_structured_output_error(body["error"], job)
+        else:
+            assert body["status"] == "COMPLETED", body
+
+    one()
     final = wait_final(endpoint, submit(endpoint, {"prompt": PROMPT, "sampling_params": GREEDY}))
     assert final["status"] == "COMPLETED", final
 

@@ -155,6 +155,8 @@ def test_the_anthropic_api_answers_and_stops_at_a_stop_sequence(endpoint: Endpoi
     stopped = claude.messages.create(**question, messages=count, stop_sequences=["5"])  # type: ignore[arg-type]
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "5")
     assert stopped.content[0].text.rstrip().endswith("4,")  # type: ignore[union-attr]
+    cut = claude.messages.create(**{**question, "max_tokens": 5}, messages=count)  # type: ignore[arg-type]
+    assert (cut.stop_reason, cut.usage.output_tokens) == ("max_tokens", 5)
 
 
 def test_n_2_with_a_seed_is_reproducible(runpod: EndpointClient) -> None:
