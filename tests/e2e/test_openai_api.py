@@ -10,6 +10,7 @@ requests (temperature 0) make two runs comparable.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -422,27 +423,28 @@ def test_anthropic_errors_are_status_codes(claude: anthropic.Anthropic, model: s
         )
 
 
+def curl(endpoint: EndpointProcess, route: str, body: dict[str, Any]) -> Any:
+    """``curl`` as the docs show it (docs/openai.md): POST the JSON, read the JSON."""
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--fail-with-body", "--max-time", "60",
+            f"{endpoint.url}/openai/v1{route}",
+            "-H", f"Authorization: Bearer {API_KEY}", "-H", "Content-Type: application/json",
+            "-d", json.dumps(body),
+        ],
+        capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
 def test_tokenize_and_detokenize_round_trip(endpoint: EndpointProcess, model: str) -> None:
-    """As with curl: POST the body, read the JSON."""
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    base = f"{endpoint.url}/openai/v1"
     text = "Once upon a time"
-    tokens = requests.post(
-        f"{base}/tokenize", json={"model": model, "prompt": text}, headers=headers, timeout=60
-    ).json()
+    tokens = curl(endpoint, "/tokenize", {"model": model, "prompt": text})
     assert tokens["count"] == len(tokens["tokens"]) > 1
     assert tokens["max_model_len"] > 0
-    back = requests.post(
-        f"{base}/detokenize",
-        json={"model": model, "tokens": tokens["tokens"]},
-        headers=headers,
-        timeout=60,
-    ).json()
+    back = curl(endpoint, "/detokenize", {"model": model, "tokens": tokens["tokens"]})
     assert back["prompt"].endswith(text)  # after the BOS token's text, if any
-    chat = requests.post(
-        f"{base}/tokenize",
-        json={"model": model, "messages": [{"role": "user", "content": text}]},
-        headers=headers,
-        timeout=60,
-    ).json()
+    messages = [{"role": "user", "content": text}]
+    chat = curl(endpoint, "/tokenize", {"model": model, "messages": messages})
     assert chat["count"] > tokens["count"]  # the chat template's tokens too

@@ -294,7 +294,8 @@ def assert_streamed_output(
     *partial, final = chunks
     for chunk in partial:
         assert set(chunk) == {"text"}
-    assert set(final) == {"text", "finish_reason", "usage"}
+    assert set(final) == {"text", "finish_reason", "usage", "metrics"}
+    assert final["metrics"]["time_to_first_token_ms"] >= 0  # docs/input-output.md
 
     texts = [""] * n
     for chunk in chunks:
