@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -74,17 +75,26 @@ from vllm_worker.streaming import EmissionClock
 _CONTENT_FORMAT = "auto"
 
 
+# A route's serving call (an awaitable of a response, an error or a stream) and the
+# validator of its request body (TokenizeRequest is a union, not a model: a TypeAdapter).
+_Route = tuple[Callable[[Any], Awaitable[Any]], TypeAdapter[Any]]
+
+
 class OpenAIRoutes:
     """vLLM's serving objects for the OpenAI routes, on the worker's engine."""
 
     def __init__(
-        self, models: OpenAIServingModels, *, stream_min_interval_s: float, tool_calling: bool
+        self,
+        models: OpenAIServingModels,
+        routes: dict[str, _Route],
+        *,
+        stream_min_interval_s: float,
+        tool_calling: bool,
     ) -> None:
         self.models = models
+        self._routes = routes
         self._stream_min_interval_s = stream_min_interval_s
         self._tool_calling = tool_calling
-        # vLLM's serving object of each route, and how its request body is read.
-        self._routes: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def build(cls, engine: Engine, settings: Settings, chat_template: str | None) -> OpenAIRoutes:
@@ -121,36 +131,12 @@ class OpenAIRoutes:
         _check_parsers_fit(engine.tokenizer, llm.model_config, settings)
         renderer = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer, **shared)
         renderer.warmup()
-        routes = cls(
+        return cls(
             models,
+            _route_table(llm, models, renderer, shared),
             stream_min_interval_s=settings.stream_min_interval_ms / 1000,
             tool_calling=settings.tool_call_parser is not None,
         )
-        chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared)
-        completion = OpenAIServingCompletion(
-            llm, models, online_renderer=renderer, request_logger=None
-        )
-        responses = OpenAIServingResponses(llm, models, renderer, **shared)
-        messages = AnthropicServingMessages(
-            llm, models, "assistant", online_renderer=renderer, **shared
-        )
-        tokenization = ServingTokenization(
-            models,
-            renderer,
-            chat_template=chat_template,
-            chat_template_content_format=_CONTENT_FORMAT,
-            request_logger=None,
-        )
-        routes._routes = {
-            CHAT: (chat.create_chat_completion, ChatCompletionRequest),
-            COMPLETIONS: (completion.create_completion, CompletionRequest),
-            RESPONSES: (responses.create_responses, ResponsesRequest),
-            MESSAGES: (messages.create_messages, AnthropicMessagesRequest),
-            COUNT_TOKENS: (messages.count_tokens, AnthropicCountTokensRequest),
-            TOKENIZE: (_with_no_raw_request(tokenization.create_tokenize), TokenizeRequest),
-            DETOKENIZE: (_with_no_raw_request(tokenization.create_detokenize), DetokenizeRequest),
-        }
-        return routes
 
     def close(self) -> None:
         """Let go of vLLM's serving objects (each holds the engine) once it has stopped."""
@@ -186,23 +172,45 @@ class OpenAIRoutes:
 
     async def _start(self, job: OpenAIJob) -> Any:
         """vLLM's answer: a response, an ErrorResponse, or the stream's event generator."""
-        serve, request_type = self._routes[job.route]
+        serve, request_model = self._routes[job.route]
         try:
-            return await serve(TypeAdapter(request_type).validate_python(job.body))
+            return await serve(request_model.validate_python(job.body))
         except ValidationError as error:
             raise _invalid_request(error) from None
         except Exception as error:  # what vLLM's API server turns into an error response
             raise _to_worker_error(create_error_response(error)) from error
 
 
-def _with_no_raw_request(serve: Any) -> Any:
-    """A tokenization call without the HTTP request ``vllm serve`` passes (it only names
-    the request's id from it, and makes one up without it)."""
-
-    async def call(request: Any) -> Any:
-        return await serve(request, None)
-
-    return call
+def _route_table(
+    llm: Any, models: OpenAIServingModels, renderer: OnlineRenderer, shared: dict[str, Any]
+) -> dict[str, _Route]:
+    """vLLM's serving call of each route (but /v1/models) and the model of its request,
+    each built once."""
+    chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared)
+    completion = OpenAIServingCompletion(llm, models, online_renderer=renderer, request_logger=None)
+    responses = OpenAIServingResponses(llm, models, renderer, **shared)
+    messages = AnthropicServingMessages(
+        llm, models, "assistant", online_renderer=renderer, **shared
+    )
+    tokenization = ServingTokenization(
+        models,
+        renderer,
+        chat_template=shared["chat_template"],
+        chat_template_content_format=_CONTENT_FORMAT,
+        request_logger=None,
+    )
+    # vLLM's tokenization calls take the HTTP request `vllm serve` has (only to name the
+    # request's id; without it they make one up).
+    calls: dict[str, tuple[Any, Any]] = {
+        CHAT: (chat.create_chat_completion, ChatCompletionRequest),
+        COMPLETIONS: (completion.create_completion, CompletionRequest),
+        RESPONSES: (responses.create_responses, ResponsesRequest),
+        MESSAGES: (messages.create_messages, AnthropicMessagesRequest),
+        COUNT_TOKENS: (messages.count_tokens, AnthropicCountTokensRequest),
+        TOKENIZE: (partial(tokenization.create_tokenize, raw_request=None), TokenizeRequest),
+        DETOKENIZE: (partial(tokenization.create_detokenize, raw_request=None), DetokenizeRequest),
+    }
+    return {route: (call, TypeAdapter(request)) for route, (call, request) in calls.items()}
 
 
 def _dumped(route: str, response: Any) -> Any:
