@@ -70,8 +70,13 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _is_token_id(key: object) -> bool:
+    """A token id written as a JSON object's key (up to 10 digits)."""
+    return isinstance(key, str) and key.isdigit() and len(key) <= 10
+
+
 def _token_id_key(key: str) -> str:
-    if not key.isdigit() or len(key) > 10:
+    if not _is_token_id(key):
         raise PydanticCustomError(
             "conversation",
             "sampling_params.logit_bias: each key must be a token id written as a string of "
@@ -112,11 +117,9 @@ class StructuredOutputsInput(_Strict):
     json_object: Literal[True] | None = Field(None, description="Any JSON object.")
     structural_tag: NonBlank | None = Field(None, description="vLLM's structural tag (JSON).")
 
-    model_config = ConfigDict(populate_by_name=False)
-
-    @field_validator("json_schema", mode="wrap")
+    @field_validator("json_schema", mode="plain")
     @classmethod
-    def _a_schema(cls, schema: Any, _handler: Any) -> dict[str, Any] | str | None:
+    def _a_schema(cls, schema: Any) -> dict[str, Any] | str | None:
         """An object, or a string of JSON: one message for either shape's problem."""
         if schema is None or isinstance(schema, dict):
             return schema
@@ -359,9 +362,8 @@ def field_path(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
         name = str(part)
-        if isinstance(part, str) and part.isdigit() and len(part) <= 10:
-            name = f'"{part}"'  # a token id as a key (logit_bias)
-            path += f"[{name}]"
+        if _is_token_id(part):  # a key of logit_bias
+            path += f'["{part}"]'
             continue
         if isinstance(part, str) and not _FIELD_NAME.fullmatch(part):
             # An unknown key is the client's text too: named only if it looks like a field.
