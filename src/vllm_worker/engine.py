@@ -151,7 +151,7 @@ class Engine:
             # the message without str()'s "value=...", which may be the client's text
             # (bad_words): errors are logged.
             field = _field_of(error, request.sampling)
-            raise InvalidInputError(f"{field}: {_one_line(str(error.args[0]))}") from None
+            raise InvalidInputError(f"{field}: {_shortened(str(error.args[0]))}") from None
         except (EngineDeadError, EngineGenerateError):
             if not self.is_dead():
                 raise  # one request failed, not the engine: an internal error
@@ -258,10 +258,10 @@ def _field_of(error: VLLMValidationError, sampling: SamplingParamsInput) -> str:
     return "input"
 
 
-def _one_line(message: str, limit: int = 300) -> str:
-    """A backend's message (a grammar compiler's may span lines) as one short line."""
-    line = " ".join(message.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _shortened(message: str, limit: int = 300) -> str:
+    """A backend's message, cut to ``limit`` characters (a grammar compiler's may quote the
+    whole grammar; the error's lines are joined as every ``WorkerError``'s are)."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def _check_not_failed(output: Any, request: GenerationRequest) -> None:
