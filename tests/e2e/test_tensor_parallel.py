@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, REPO_ROOT, group_members
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, REPO_ROOT, SEED_INPUT, group_members
 from production_worker import WorkerProcess
 from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job
@@ -33,9 +33,8 @@ from vllm_worker.local_endpoint.process import build_env
 TP_ENV = {"TENSOR_PARALLEL_SIZE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 WAIT_S = 300.0  # for a state: two ranks start on two shared cores
 # The seed's request, greedy, so that two engines must write the same text.
-SEED_PROMPT = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]["prompt"]
 GREEDY = {
-    "prompt": SEED_PROMPT,
+    "prompt": SEED_INPUT["prompt"],
     "sampling_params": {"max_tokens": 16, "temperature": 0, "ignore_eos": True},
 }
 ENDLESS = {

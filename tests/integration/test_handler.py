@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,14 +12,13 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 
-from helpers import REPO_ROOT, collect, handler_for, until_no_request
+from helpers import SEED_INPUT, collect, handler_for, until_no_request
 from vllm_worker.engine import Engine
 from vllm_worker.engine_types import Handler
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import Chunk
 
 Run = Callable[..., Any]
-SEED_INPUT = json.loads((REPO_ROOT / "test_input.json").read_text())["input"]
 PROMPT = "Hello there, please tell me a story about the sea."
 
 
