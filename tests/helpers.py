@@ -105,6 +105,17 @@ def group_members(pgid: int) -> list[str]:
     return members
 
 
+def engine_core(worker_pid: int) -> int:
+    """The pid of vLLM's EngineCore process in a worker's process group."""
+    cores = [
+        int(member.split()[0])
+        for member in group_members(worker_pid)
+        if member.split()[1:2] == ["VLLM::EngineCore"]
+    ]
+    assert len(cores) == 1, group_members(worker_pid)
+    return cores[0]
+
+
 def llama2_reference_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Llama 2's chat format as Meta's reference code builds it (llama/generation.py,
     ``chat_completion``), by hand: the system message folded into the first user message,

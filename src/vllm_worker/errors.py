@@ -63,6 +63,26 @@ class OpenAIRequestError(InvalidInputError):
         self.param = param
 
 
+class RequestTooLargeError(InvalidInputError):
+    """A load-balancing request whose body is over MAX_REQUEST_BYTES."""
+
+    status = 413
+    error_type = "RequestTooLargeError"
+
+
+class UnavailableError(WorkerError):
+    """A load-balancing worker that cannot take a request now: full (429), starting,
+    stopping or with a dead engine (503). The client retries after ``retry_after_s``."""
+
+    kind = "unavailable"
+
+    def __init__(self, message: str, *, status: int, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = "RateLimitError" if status == 429 else "ServiceUnavailableError"
+        self.retry_after_s = retry_after_s
+
+
 class EngineError(WorkerError):
     """The engine failed while serving a valid request."""
 
@@ -89,13 +109,21 @@ def openai_job_error(error: BaseException, job_id: str = "-") -> dict[str, str]:
     """``job_error`` for a job of an OpenAI route: the FAILED job's error is the OpenAI
     error object as one line of JSON, ``{"error": {"message", "type", "param", "code"}}``,
     ``code`` being the HTTP status, so that whoever relays it can answer as OpenAI does."""
-    kind, message = _logged(error, job_id)
+    _status, body = http_error(error, job_id)
+    return {"error": json.dumps(body)}
+
+
+def http_error(error: BaseException, request_id: str = "-") -> tuple[int, dict[str, object]]:
+    """The HTTP status and the OpenAI error object, ``{"error": {"message", "type",
+    "param", "code"}}`` (``code``: the status), for a job of an OpenAI route and for every
+    refused request of the load-balancing server."""
+    kind, message = _logged(error, request_id)
     if isinstance(error, WorkerError):
         status, error_type, param = error.status, error.error_type, error.param
     else:
         status, error_type, param = 500, "InternalServerError", None
     body = {"message": f"{kind}: {message}", "type": error_type, "param": param, "code": status}
-    return {"error": json.dumps({"error": body})}
+    return status, {"error": body}
 
 
 def _logged(error: BaseException, job_id: str) -> tuple[str, str]:

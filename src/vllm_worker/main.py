@@ -1,6 +1,10 @@
 """The entry point: read the settings, pick the run mode, serve.
 
-Run modes, chosen as the runpod SDK chooses them:
+Run modes:
+- load-balancing: ``ENDPOINT_TYPE=load_balancer``: an HTTP server on PORT that RunPod
+  sends requests to (``http_server``), on what ``startup.serving`` starts;
+
+and otherwise as the runpod SDK chooses them:
 - production: ``RUNPOD_WEBHOOK_GET_JOB`` is set (a RunPod worker, or a local stand-in):
   the SDK's job loop (``job_loop``) on what ``startup.serving`` starts;
 - the SDK's dev API server: ``--rp_serve_api`` or ``RUNPOD_REALTIME_PORT``: refused at
@@ -29,12 +33,15 @@ log = logging.getLogger("vllm_worker")
 
 
 class RunMode(enum.Enum):
+    LOAD_BALANCER = "load_balancer"
     PRODUCTION = "production"
     SDK_API_SERVER = "sdk_api_server"
     LOCAL_TEST = "local_test"
 
 
 def choose_mode(argv: Sequence[str], settings: Settings) -> RunMode:
+    if settings.endpoint_type == "load_balancer":
+        return RunMode.LOAD_BALANCER
     if settings.runpod_webhook_get_job:
         return RunMode.PRODUCTION
     if "--rp_serve_api" in argv or settings.runpod_realtime_port:
@@ -63,8 +70,9 @@ def run(argv: Sequence[str]) -> NoReturn:
 def main(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> int:
     """The worker's entry point; returns the process exit code.
 
-    2: a setting is invalid; 1: the engine cannot start, or the local job failed; 0: the
-    job loop ended as asked (SIGTERM), or a stop signal came before serving began.
+    2: a setting is invalid; 1: the engine cannot start or died, or the local job failed;
+    0: the job loop or HTTP server ended as asked (SIGTERM), or a stop signal came before
+    serving began.
     """
     try:
         settings = Settings.from_env(environ)
@@ -92,6 +100,12 @@ def _run(argv: Sequence[str], settings: Settings) -> int:
             "supported (it needs fastapi>=0.141, which vLLM 0.32 refuses, and cannot stream "
             "or cancel): run python -m vllm_worker.local_endpoint for RunPod's API locally"
         )
+    if mode is RunMode.LOAD_BALANCER:
+        from vllm_worker import http_server
+
+        exit_code = http_server.serve(settings)
+        log.info("engine stopped; exiting with code %d", exit_code)
+        return exit_code
     if mode is RunMode.LOCAL_TEST:
         from vllm_worker import local_run
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_worker.errors import OpenAIRequestError
+from vllm_worker.input_size import check_input_size, check_integers
 from vllm_worker.schema import UNSUPPORTED_FIELDS
 from vllm_worker.settings import Settings
 
@@ -48,7 +49,9 @@ def is_openai_job(job_input: Any) -> bool:
     return isinstance(job_input, dict) and "openai_route" in job_input
 
 
-def parse_openai_job(job_input: dict[str, Any], *, max_n: int) -> OpenAIJob:
+def parse_openai_job(
+    job_input: dict[str, Any], *, max_n: int, tool_calling: bool = True
+) -> OpenAIJob:
     """The route and request body; ``OpenAIRequestError`` (400, or 404 for a route not
     served) when the input is not one this worker answers."""
     unknown = sorted(set(job_input) - set(_KEYS))
@@ -68,9 +71,28 @@ def parse_openai_job(job_input: dict[str, Any], *, max_n: int) -> OpenAIJob:
         body = {}
     if not isinstance(body, dict):
         raise _bad_request(f"openai_input: must be a JSON object (got {type(body).__name__})")
+    check_body(body, max_n=max_n, tool_calling=tool_calling)
+    return OpenAIJob(route=route, body=body)
+
+
+def check_request(raw: object, max_chars: int) -> None:
+    """The checks of an OpenAI request's input before vLLM reads it: its size
+    (MAX_INPUT_CHARS, before anything reads the text) and its integers (64 bits)."""
+    check_input_size(raw, max_chars)
+    check_integers(raw)
+
+
+def check_body(body: dict[str, Any], *, max_n: int, tool_calling: bool) -> None:
+    """What the worker refuses that vLLM's OpenAI layer would take: ``n`` over MAX_N,
+    ``best_of`` (ignored by vLLM), ``tools`` without a tool parser."""
     _check_n(body, max_n)
     _check_best_of(body)
-    return OpenAIJob(route=route, body=body)
+    if body.get("tools") and not tool_calling:
+        raise _bad_request(
+            "tools: this worker serves no tool calling: set TOOL_CALL_PARSER and "
+            "ENABLE_AUTO_TOOL_CHOICE=true to serve it",
+            param="tools",
+        )
 
 
 def _check_n(body: dict[str, Any], max_n: int) -> None:

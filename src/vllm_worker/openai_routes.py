@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -83,18 +84,11 @@ _Route = tuple[Callable[[Any], Awaitable[Any]], TypeAdapter[Any]]
 class OpenAIRoutes:
     """vLLM's serving objects for the OpenAI routes, on the worker's engine."""
 
-    def __init__(
-        self,
-        models: OpenAIServingModels,
-        routes: dict[str, _Route],
-        *,
-        stream_min_interval_s: float,
-        tool_calling: bool,
-    ) -> None:
-        self.models = models
-        self._routes = routes
+    def __init__(self, servers: Servers, *, stream_min_interval_s: float) -> None:
+        self.servers: Servers | None = servers
+        self.models = servers.models
+        self._routes = _route_table(servers)
         self._stream_min_interval_s = stream_min_interval_s
-        self._tool_calling = tool_calling
 
     @classmethod
     def build(cls, engine: Engine, settings: Settings, chat_template: str | None) -> OpenAIRoutes:
@@ -132,34 +126,21 @@ class OpenAIRoutes:
         renderer = OnlineRenderer(model_config=llm.model_config, renderer=llm.renderer, **shared)
         renderer.warmup()
         return cls(
-            models,
-            _route_table(llm, models, renderer, shared),
+            Servers.build(llm, models, renderer, shared),
             stream_min_interval_s=settings.stream_min_interval_ms / 1000,
-            tool_calling=settings.tool_call_parser is not None,
         )
 
     def close(self) -> None:
         """Let go of vLLM's serving objects (each holds the engine) once it has stopped."""
         self._routes.clear()
+        self.servers = None
         del self.models
 
     async def serve(self, job: OpenAIJob) -> AsyncIterator[Any]:
         """The job's outputs (see the module docstring); ``WorkerError`` when refused."""
         if job.route == MODELS:
-            models = await self.models.show_available_models()
-            for card in models.data:
-                if card.id in self.models.lora_requests:
-                    card.root = card.id  # an adapter's "root" is its folder: never a path
-            yield models.model_dump()
+            yield await self.list_models()
             return
-        if job.body.get("tools") and not self._tool_calling:
-            raise OpenAIRequestError(
-                "tools: this worker serves no tool calling: set TOOL_CALL_PARSER and "
-                "ENABLE_AUTO_TOOL_CHOICE=true to serve it",
-                status=400,
-                error_type="BadRequestError",
-                param="tools",
-            )
         result = await self._start(job)
         if isinstance(result, ErrorResponse):
             raise _to_worker_error(result)
@@ -169,6 +150,15 @@ class OpenAIRoutes:
         events = _sse(result) if job.route == RESPONSES else result
         async for text in coalesce(events, EmissionClock(self._stream_min_interval_s)):
             yield text
+
+    async def list_models(self) -> dict[str, Any]:
+        """/v1/models' answer: the served name and the adapters, by name only."""
+        models = await self.models.show_available_models()
+        for card in models.data:
+            if card.id in self.models.lora_requests:
+                card.root = card.id  # an adapter's "root" is its folder: never a path
+        dumped: dict[str, Any] = models.model_dump()
+        return dumped
 
     async def _start(self, job: OpenAIJob) -> Any:
         """vLLM's answer: a response, an ErrorResponse, or the stream's event generator."""
@@ -181,32 +171,53 @@ class OpenAIRoutes:
             raise _to_worker_error(create_error_response(error)) from error
 
 
-def _route_table(
-    llm: Any, models: OpenAIServingModels, renderer: OnlineRenderer, shared: dict[str, Any]
-) -> dict[str, _Route]:
-    """vLLM's serving call of each route (but /v1/models) and the model of its request,
-    each built once."""
-    chat = OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared)
-    completion = OpenAIServingCompletion(llm, models, online_renderer=renderer, request_logger=None)
-    responses = OpenAIServingResponses(llm, models, renderer, **shared)
-    messages = AnthropicServingMessages(
-        llm, models, "assistant", online_renderer=renderer, **shared
-    )
-    tokenization = ServingTokenization(
-        models,
-        renderer,
-        chat_template=shared["chat_template"],
-        chat_template_content_format=_CONTENT_FORMAT,
-        request_logger=None,
-    )
+@dataclass(frozen=True)
+class Servers:
+    """vLLM's serving objects, one of each, built once on the worker's engine; the
+    load-balancing server hands them to vLLM's own FastAPI routes (http_app.py)."""
+
+    models: OpenAIServingModels
+    chat: OpenAIServingChat
+    completion: OpenAIServingCompletion
+    responses: OpenAIServingResponses
+    messages: AnthropicServingMessages
+    tokenization: ServingTokenization
+
+    @classmethod
+    def build(
+        cls, llm: Any, models: OpenAIServingModels, renderer: OnlineRenderer, shared: dict[str, Any]
+    ) -> Servers:
+        return cls(
+            models=models,
+            chat=OpenAIServingChat(llm, models, "assistant", online_renderer=renderer, **shared),
+            completion=OpenAIServingCompletion(
+                llm, models, online_renderer=renderer, request_logger=None
+            ),
+            responses=OpenAIServingResponses(llm, models, renderer, **shared),
+            messages=AnthropicServingMessages(
+                llm, models, "assistant", online_renderer=renderer, **shared
+            ),
+            tokenization=ServingTokenization(
+                models,
+                renderer,
+                chat_template=shared["chat_template"],
+                chat_template_content_format=_CONTENT_FORMAT,
+                request_logger=None,
+            ),
+        )
+
+
+def _route_table(servers: Servers) -> dict[str, _Route]:
+    """The serving call of each route (but /v1/models) and the model of its request."""
+    tokenization = servers.tokenization
     # vLLM's tokenization calls take the HTTP request `vllm serve` has (only to name the
     # request's id; without it they make one up).
     calls: dict[str, tuple[Any, Any]] = {
-        CHAT: (chat.create_chat_completion, ChatCompletionRequest),
-        COMPLETIONS: (completion.create_completion, CompletionRequest),
-        RESPONSES: (responses.create_responses, ResponsesRequest),
-        MESSAGES: (messages.create_messages, AnthropicMessagesRequest),
-        COUNT_TOKENS: (messages.count_tokens, AnthropicCountTokensRequest),
+        CHAT: (servers.chat.create_chat_completion, ChatCompletionRequest),
+        COMPLETIONS: (servers.completion.create_completion, CompletionRequest),
+        RESPONSES: (servers.responses.create_responses, ResponsesRequest),
+        MESSAGES: (servers.messages.create_messages, AnthropicMessagesRequest),
+        COUNT_TOKENS: (servers.messages.count_tokens, AnthropicCountTokensRequest),
         TOKENIZE: (partial(tokenization.create_tokenize, raw_request=None), TokenizeRequest),
         DETOKENIZE: (partial(tokenization.create_detokenize, raw_request=None), DetokenizeRequest),
     }

@@ -112,6 +112,23 @@ class Settings(BaseModel):
     # checked against vLLM's list at start-up: auto, xgrammar, guidance, outlines, ...
     structured_outputs_backend: str = "auto"
 
+    # --- load-balancing endpoints (http_server.py) ----------------------------------
+    # Which kind of RunPod endpoint the worker serves: "queue" (/run, /stream: the runpod
+    # SDK's job loop) or "load_balancer" (an HTTP server RunPod sends requests to).
+    # RunPod sets no variable that tells the two apart, so the endpoint's settings say it.
+    endpoint_type: Literal["queue", "load_balancer"] = "queue"
+    # RunPod's own variables for load-balancing workers: the port requests come to, the
+    # port and path of its health check (default: the same port, /ping).
+    port: Annotated[int, Field(ge=1, le=65535)] = 80
+    port_health: Annotated[int, Field(ge=1, le=65535)] | None = None
+    health_check_path: str = Field("/ping", pattern=r"^/[A-Za-z0-9._~/-]*$")
+    # The address the server binds: all interfaces, as RunPod's proxy needs; 127.0.0.1
+    # for a local run.
+    host: str = Field("0.0.0.0", min_length=1)
+    # A request body over this many bytes gets a 413 before it is read (RunPod's own cap
+    # on a load-balancing request is 30 MB).
+    max_request_bytes: Annotated[int, Field(ge=1_000, le=100_000_000)] = 30_000_000
+
     # --- LoRA adapters (name -> a Hugging Face repo id or a local folder) ------------
     lora_modules: dict[str, str] | None = None
     max_loras: PositiveInt = 1  # adapters in one batch (vLLM's max_loras)
@@ -200,6 +217,14 @@ class Settings(BaseModel):
     def _no_quantization(cls, value: object) -> object:
         # "none" (the RunPod Hub form's choice for no quantization) means unset.
         return None if isinstance(value, str) and value.lower() == "none" else value
+
+    @field_validator("endpoint_type", mode="before")
+    @classmethod
+    def _endpoint_type(cls, value: object) -> object:
+        # RunPod's console names the kinds "Queue" and "Load Balancer".
+        if isinstance(value, str):
+            return value.strip().lower().replace(" ", "_").replace("-", "_")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod

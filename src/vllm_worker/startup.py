@@ -29,6 +29,7 @@ from vllm_worker.chat import choose_chat_template, log_chat_template
 from vllm_worker.engine_types import Handler
 from vllm_worker.errors import EngineStartError, SettingsError
 from vllm_worker.settings import Settings
+from vllm_worker.worker import NativeJobs, job_handler
 
 if TYPE_CHECKING:  # importing the engine imports vLLM: only once serving starts
     from vllm_worker.engine import Engine
@@ -49,12 +50,13 @@ class StartInterrupted(BaseException):
 
 @dataclass
 class Serving:
-    """What serves jobs: the engine, the job handler and the OpenAI routes it hands
-    OpenAI-route jobs to."""
+    """What serves requests: the engine, the native jobs, the OpenAI routes (vLLM's
+    serving objects) and the queue's job handler, which hands each job to one of them."""
 
     engine: Engine
-    handler: Handler
+    jobs: NativeJobs
     openai_routes: OpenAIRoutes
+    handler: Handler
 
     def close(self) -> None:
         """Let go of the routes: vLLM's serving objects hold the engine object too."""
@@ -65,12 +67,12 @@ def build(engine: Engine, settings: Settings) -> Serving:
     """The handler and OpenAI routes on a started engine, with the chat template chosen
     once for both."""
     from vllm_worker.openai_routes import OpenAIRoutes
-    from vllm_worker.worker import make_handler
 
     chat = choose_chat_template(settings, engine.tokenizer)  # once: it may render probes
     log_chat_template(chat, settings.model_name)
     routes = OpenAIRoutes.build(engine, settings, chat.template)
-    return Serving(engine, make_handler(engine, settings, chat.template, routes), routes)
+    jobs = NativeJobs.build(engine, settings, chat.template)
+    return Serving(engine, jobs, routes, job_handler(jobs, routes))
 
 
 @contextlib.contextmanager

@@ -9,15 +9,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm_worker.chat import render_chat
 from vllm_worker.engine_types import EngineUpdate, GenerationRequest, Handler, ServingEngine
 from vllm_worker.errors import InvalidInputError, job_error, openai_job_error
-from vllm_worker.input_size import check_input_size, check_integers, default_max_input_chars
-from vllm_worker.openai_input import is_openai_job, parse_openai_job, served_model_name
+from vllm_worker.input_size import check_input_size, default_max_input_chars
+from vllm_worker.openai_input import (
+    check_request,
+    is_openai_job,
+    parse_openai_job,
+    served_model_name,
+)
 from vllm_worker.schema import JobInput, parse_job_input
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import (
@@ -63,35 +68,59 @@ class _JobStats:
         )
 
 
+@dataclass(frozen=True)
+class NativeJobs:
+    """Jobs of the worker's own input (the seed's ``prompt``/``messages`` and
+    ``sampling_params``) on one engine: the queue's handler and the load-balancing
+    server's native route both run them here."""
+
+    engine: ServingEngine
+    settings: Settings
+    chat_template: str | None  # what ``messages`` render with (None: they fail, saying so)
+    max_chars: int  # MAX_INPUT_CHARS, or what the longest prompt that fits can hold
+
+    @classmethod
+    def build(
+        cls, engine: ServingEngine, settings: Settings, chat_template: str | None
+    ) -> NativeJobs:
+        max_chars = settings.max_input_chars or default_max_input_chars(
+            engine.tokenizer, engine.max_model_len
+        )
+        log.info("a job's input may hold up to %d characters of text (MAX_INPUT_CHARS)", max_chars)
+        return cls(engine, settings, chat_template, max_chars)
+
+    async def run(self, job_id: str, raw_input: object) -> AsyncGenerator[Chunk, None]:
+        """The job's chunks; ``WorkerError`` (before the first chunk for bad input)."""
+        check_input_size(raw_input, self.max_chars)  # before anything reads the text
+        job_input = parse_job_input(raw_input, max_n=self.settings.max_n)
+        async for chunk in _run(self.engine, self.settings, self.chat_template, job_id, job_input):
+            yield chunk
+
+
 def make_handler(
     engine: ServingEngine,
     settings: Settings,
     chat_template: str | None,
     openai_routes: OpenAIRoutes | None = None,
 ) -> Handler:
-    """The handler for ``runpod.serverless.start``: one call per job.
+    """``job_handler`` on new ``NativeJobs``."""
+    return job_handler(NativeJobs.build(engine, settings, chat_template), openai_routes)
 
-    ``messages`` jobs render with ``chat_template`` (``chat.choose_chat_template``; None:
-    they fail with an error saying so). Jobs of RunPod's OpenAI-compatible API go to
-    ``openai_routes`` (refused when it is None).
-    """
-    max_chars = settings.max_input_chars or default_max_input_chars(
-        engine.tokenizer, engine.max_model_len
-    )
-    log.info("a job's input may hold up to %d characters of text (MAX_INPUT_CHARS)", max_chars)
+
+def job_handler(jobs: NativeJobs, openai_routes: OpenAIRoutes | None = None) -> Handler:
+    """The handler for ``runpod.serverless.start``: one call per job. Jobs of RunPod's
+    OpenAI-compatible API go to ``openai_routes`` (refused when it is None)."""
 
     async def handler(job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = str(job.get("id", "-"))
         if is_openai_job(job.get("input")):
             async for output in _serve_openai(
-                openai_routes, settings, job_id, job["input"], max_chars
+                openai_routes, jobs.settings, job_id, job["input"], jobs.max_chars
             ):
                 yield output
             return
         try:
-            check_input_size(job.get("input"), max_chars)  # before anything reads the text
-            job_input = parse_job_input(job.get("input"), max_n=settings.max_n)
-            async for chunk in _run(engine, settings, chat_template, job_id, job_input):
+            async for chunk in jobs.run(job_id, job.get("input")):
                 yield chunk
         except Exception as error:  # the one place errors become a job error
             yield job_error(error, job_id)
@@ -107,11 +136,13 @@ async def _serve_openai(
     max_chars: int,
 ) -> AsyncIterator[Any]:
     try:
-        check_input_size(job_input, max_chars)
-        check_integers(job_input)
+        check_request(job_input, max_chars)
         if routes is None:
             raise InvalidInputError("openai_route: this worker serves no OpenAI routes")
-        async for output in routes.serve(parse_openai_job(job_input, max_n=settings.max_n)):
+        job = parse_openai_job(
+            job_input, max_n=settings.max_n, tool_calling=settings.tool_call_parser is not None
+        )
+        async for output in routes.serve(job):
             yield output
     except Exception as error:  # as in the handler, but as an OpenAI error object
         yield openai_job_error(error, job_id)

@@ -34,7 +34,7 @@ from endpoint_process import (
     status,
     submit,
 )
-from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, REPO_ROOT, group_members
+from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, REPO_ROOT, engine_core, group_members
 from production_worker import WorkerProcess
 from vllm_worker.local_endpoint import EndpointConfig, ThreadedEndpoint
 from vllm_worker.local_endpoint.jobs import Job
@@ -194,16 +194,6 @@ def test_sigterm_aborts_the_jobs_left_after_the_grace_period_and_exits_0(
     assert endpoint.proc.wait(STOP_TIMEOUT_S) == 1
     # Every job was posted before the exit: none was left for the endpoint to fail.
     assert "the worker exited with code 0; 0 jobs in progress failed" in endpoint.log()
-
-
-def engine_core(worker_pid: int) -> int:
-    cores = [
-        int(member.split()[0])
-        for member in group_members(worker_pid)
-        if member.split()[1:2] == ["VLLM::EngineCore"]
-    ]
-    assert len(cores) == 1, group_members(worker_pid)
-    return cores[0]
 
 
 def test_killing_the_engine_fails_the_jobs_in_flight_and_the_worker_exits_1(
