@@ -13,7 +13,9 @@ tiny model on a CPU:
 - production mode against the local endpoint on the host (``--no-worker``): the seed's
   flow, ``n=2``, a cancel, a bad input, an OpenAI-route chat;
 - ``docker stop`` while a job runs and while the engine is still starting;
-- the token nowhere in the image; a rebuild after an edit in ``src/`` reuses the model.
+- the token nowhere in the image; a rebuild after an edit in ``src/`` reuses the model;
+- load-balancing mode on the demo model: /ping's states, a streamed chat completion,
+  ``docker stop``.
 
 Not checked here (no GPU, no registry): the CUDA build, a GPU, RunPod's own builder.
 """
@@ -32,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import requests
 
@@ -54,6 +57,7 @@ from image_support import (
     env_options,
     readme_run_options,
 )
+from lb_worker import free_port
 from vllm_worker import demo_model
 from vllm_worker.local_endpoint import stall
 from vllm_worker.local_endpoint.process import own_process_group
@@ -517,3 +521,71 @@ def test_a_rebuild_after_an_edit_in_src_reuses_the_baked_model(
     assert f"{download.group(1)} CACHED" in log
     assert re.search(r"COPY src/ src/", log)  # and the package was rebuilt
     FIGURES.values["rebuild after an edit in src/"] = f"{seconds:.0f} s, the model layer cached"
+
+
+# --- load-balancing mode ------------------------------------------------------------------------
+
+
+def test_load_balancer_mode_streams_a_chat_completion_and_stops_on_docker_stop(
+    docker: Docker, demo_image: BuiltImage, tmp_path: Path
+) -> None:
+    """The same image as a load-balancing endpoint's server (``-e ENDPOINT_TYPE``), on the
+    real demo model: /ping says 204 then 200, the official client streams a chat
+    completion that answers the question, and ``docker stop`` drains it to exit 0. The
+    host network stands in for ``-p`` (this Docker engine has no bridge)."""
+    port = free_port()
+    name = "vllm-worker-lb-check"
+    settings = {**TINY_SETTINGS, **demo_model.SERVING, "ENDPOINT_TYPE": "load_balancer"}
+    settings.update({"PORT": str(port), "HOST": "127.0.0.1"})
+    del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
+    docker("rm", "-f", name, check=False)
+    started = time.monotonic()
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *readme_run_options(),
+        "--network",
+        "host",
+        "--cpu-shares",
+        "2",
+        *env_options(settings),
+        demo_image.tag,
+    )
+    container = Container(docker, name, tmp_path / f"{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pings: list[int] = []
+        while not pings or pings[-1] != 200:
+            assert container.running(), container.logs()[-3000:]
+            assert time.monotonic() - started < START_TIMEOUT_S, container.logs()[-3000:]
+            try:
+                status = requests.get(f"{url}/ping", timeout=10).status_code
+            except requests.ConnectionError:
+                status = 0
+            if status and (not pings or pings[-1] != status):
+                pings.append(status)
+            time.sleep(0.1)
+        FIGURES.values["load-balancing mode, docker run to /ping 200"] = (
+            f"{time.monotonic() - started:.0f} s"
+        )
+        assert pings == [204, 200]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model=demo_model.SERVED_NAME,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=32,
+            stream=True,
+        )
+        pieces = [choice.delta.content or "" for event in stream for choice in event.choices]
+        assert len(pieces) > 2 and "Paris" in "".join(pieces), pieces
+        docker("stop", name)
+        assert container.exit_code() == 0, container.logs()[-3000:]
+        assert "exiting with code 0" in container.logs()
+    except BaseException:
+        print(container.logs()[-5000:])
+        raise
+    finally:
+        container.remove()
