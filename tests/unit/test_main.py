@@ -46,3 +46,10 @@ def test_the_sdk_dev_server_is_refused_before_anything_starts(
     assert error.startswith("vllm-worker: cannot start: --rp_serve_api / RUNPOD_REALTIME_PORT:")
     assert "python -m vllm_worker.local_endpoint" in error
     assert main([], environ={"RUNPOD_REALTIME_PORT": "8000"}) == 2
+
+
+def test_load_balancer_when_the_endpoint_type_says_so() -> None:
+    settings = Settings.from_env(
+        {"ENDPOINT_TYPE": "load_balancer", "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:1/x"}
+    )
+    assert choose_mode([], settings) is RunMode.LOAD_BALANCER

@@ -97,3 +97,37 @@ def test_settings_are_immutable() -> None:
     settings = Settings.from_env({})
     with pytest.raises(ValueError, match="frozen"):
         settings.max_model_len = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "value", ["load_balancer", "Load Balancer", "load-balancer", "LOAD_BALANCER"]
+)
+def test_endpoint_type_takes_runpods_names(value: str) -> None:
+    assert Settings.from_env({"ENDPOINT_TYPE": value}).endpoint_type == "load_balancer"
+
+
+def test_load_balancing_defaults_are_runpods() -> None:
+    settings = Settings.from_env({})
+    assert settings.endpoint_type == "queue"
+    assert (settings.port, settings.port_health, settings.health_check_path) == (80, None, "/ping")
+    assert settings.max_request_bytes == 30_000_000
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        (
+            "ENDPOINT_TYPE",
+            "lb",
+            "ENDPOINT_TYPE='lb' is invalid: must be 'queue' or 'load_balancer'",
+        ),
+        ("PORT", "70000", "PORT='70000' is invalid: must be less than or equal to 65535"),
+        ("PORT_HEALTH", "0", "PORT_HEALTH='0' is invalid: must be greater than or equal to 1"),
+        ("HEALTH_CHECK_PATH", "ping", "HEALTH_CHECK_PATH='ping' is invalid"),
+        ("MAX_REQUEST_BYTES", "10", "MAX_REQUEST_BYTES='10' is invalid"),
+    ],
+)
+def test_a_bad_load_balancing_setting_names_itself(name: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({name: value})
+    assert says in str(error.value)
