@@ -10,6 +10,8 @@ In one run: the handler against the raw engine in process (``bench.inprocess``);
 worker through RunPod's production job loop against a loopback job API
 (``bench.production``: first chunk, tokens/s, a job at a full worker, a 1 s poller's
 freshness); with ``--endpoint``, HTTP clients of the local endpoint (``bench.endpoint``);
+with ``--load-balancer``, HTTP streams from the worker's load-balancing server
+(``bench.load_balancer``: ``--concurrency 1,32`` gives its targets);
 the cold start (``bench.cold_start``); and the stream of Llama 2 length answers
 (``bench.streaming``, simulated). Results: a table on stdout,
 ``<output>/<date>-<label>.json`` and ``.png``, the workers' logs in ``.log`` files.
@@ -30,6 +32,7 @@ from bench import cold_start, production, streaming
 from bench.common import DEFAULT_OUTPUT, parse_numbers, progress
 from bench.endpoint import run_endpoint
 from bench.inprocess import Clock, Plan, engine_settings, run_engine, run_settings
+from bench.load_balancer import run_load_balancer
 from bench.plot import plot
 from bench.report import evaluate_targets, format_report
 
@@ -68,6 +71,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--endpoint", action="store_true", help="also HTTP clients of the local endpoint"
     )
     parser.add_argument(
+        "--load-balancer",
+        action="store_true",
+        help="also HTTP streams from the worker as a load-balancing server",
+    )
+    parser.add_argument(
         "--no-production", action="store_true", help="skip the production job loop's runs"
     )
     parser.add_argument(
@@ -103,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bytes_growths=tuple(parse_numbers(args.bytes_growths, float)),
         endpoint=args.endpoint,
         poll_interval_ms=args.poll_interval_ms,
+        load_balancer=args.load_balancer,
     )
     today = datetime.datetime.now(datetime.timezone.utc)
     label = args.label or (
@@ -156,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.endpoint:
             endpoint_log = stem.with_name(stem.name + "-endpoint.log")
             report["results"] += run_endpoint(plan, worker_env, report["results"], endpoint_log)
+        if plan.load_balancer:
+            lb_log = stem.with_name(stem.name + "-load-balancer.log")
+            report["results"] += run_load_balancer(plan, worker_env, report["results"], lb_log)
         if not args.no_cold_start:
             progress("measuring the cold start (a fresh process):")
             report["cold_start"] = cold_start.measure(worker_env)

@@ -298,6 +298,7 @@ class Plan:
     bytes_growths: tuple[float, ...]
     endpoint: bool = True
     poll_interval_ms: float = 50.0
+    load_balancer: bool = False
 
     def jobs(self, concurrency: int) -> int:
         return max(concurrency, self.min_jobs)

@@ -24,6 +24,11 @@ TARGET_DELTA_BYTES_RATIO = 1.5
 
 TARGET_WORKER_COLD_START_MS = 1000.0
 
+# Load-balancing mode (issue 23): one request at a time, and many at once.
+TARGET_LB_TTFT_DELTA_MS = 5.0
+TARGET_LB_TOKENS_RATIO = 0.97
+LB_CONCURRENCY = 32
+
 
 def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """The issue's targets, each with the measured value and whether it is met."""
@@ -69,6 +74,7 @@ def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
             "target": f"<= {limit}",
             "met": bool(ratios) and all(ratio <= limit for ratio in ratios.values()),
         }
+    targets.update(_load_balancer_targets(results, plan))
     cold = report.get("cold_start")
     if cold is not None:
         share = cold["worker_share_ms"]
@@ -77,6 +83,34 @@ def evaluate_targets(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
             "target": f"< {TARGET_WORKER_COLD_START_MS:g}",
             "met": share < TARGET_WORKER_COLD_START_MS,
         }
+    return targets
+
+
+def _load_balancer_targets(
+    results: Sequence[dict[str, Any]], plan: Plan
+) -> dict[str, dict[str, Any]]:
+    """First token over HTTP one at a time, within 5 ms of raw's; tokens/s at 32 (or the
+    run's highest concurrency) at least 0.97 of raw's; for each HTTP route measured."""
+    targets: dict[str, dict[str, Any]] = {}
+    many = LB_CONCURRENCY if LB_CONCURRENCY in plan.concurrency else max(plan.concurrency)
+    modes = sorted({row["mode"] for row in results if row["kind"] == "load_balancer"})
+    for mode in modes:
+        one = row_of(results, mode, 1)
+        if one is not None and one["vs_raw"] is not None:
+            delta = one["vs_raw"]["ttft_p50_delta_ms"]
+            targets[f"{mode}_ttft_p50_delta_ms_at_1"] = {
+                "value": delta,
+                "target": f"<= {TARGET_LB_TTFT_DELTA_MS} ms",
+                "met": delta <= TARGET_LB_TTFT_DELTA_MS,
+            }
+        row = row_of(results, mode, many)
+        if row is not None and row["vs_raw"] is not None:
+            ratio = row["vs_raw"]["tokens_per_s_ratio"]
+            targets[f"{mode}_tokens_per_s_ratio_at_{many}"] = {
+                "value": ratio,
+                "target": f">= {TARGET_LB_TOKENS_RATIO}",
+                "met": ratio >= TARGET_LB_TOKENS_RATIO,
+            }
     return targets
 
 
@@ -94,6 +128,7 @@ def _speed_cells(row: dict[str, Any]) -> list[Any]:
     ]
 
 
+_HTTP_KINDS = ("endpoint", "load_balancer")
 _SPEED_HEADER = ["mode", "conc", "tok/s", "x raw", "ttft p50", "p95", "+raw"]
 
 
@@ -130,6 +165,13 @@ def format_endpoint(rows: Sequence[dict[str, Any]]) -> str:
             ]
             for row in rows
         ],
+    )
+
+
+def format_http(rows: Sequence[dict[str, Any]]) -> str:
+    return table(
+        [*_SPEED_HEADER, "chunks", "gap p50"],
+        [[*_speed_cells(row), row["chunks_per_job"], row["gap_ms"]["p50"]] for row in rows],
     )
 
 
@@ -172,13 +214,23 @@ def format_report(report: dict[str, Any]) -> str:
         "raw's; '+raw' = minus raw's; bytes = the SDK's stream post bodies per job; "
         "cpu = this process's CPU time per output token",
         "",
-        format_grid([row for row in report["results"] if row["kind"] != "endpoint"]),
+        format_grid([row for row in report["results"] if row["kind"] not in _HTTP_KINDS]),
         "",
         f"bytes per job, {parameters['bytes_max_tokens']}-token answers "
         "('x text' = stream bytes over the final text; aggregate = the SDK's final post):",
         format_bytes(report["bytes"]),
     ]
     endpoint_rows = [row for row in report["results"] if row["kind"] == "endpoint"]
+    lb_rows = [row for row in report["results"] if row["kind"] == "load_balancer"]
+    if lb_rows:
+        parts += [
+            "",
+            "HTTP streams, side by side: the load-balancing server (lb-completions: vLLM's "
+            "/v1/completions; lb-native: /generate, delta) and the queue's local endpoint "
+            "(endpoint-*, when measured); ttft = the first event with text, as the client "
+            "sees it; x raw, +raw: against the in-process raw engine:",
+            format_http(sorted(lb_rows + endpoint_rows, key=lambda row: row["concurrency"])),
+        ]
     if endpoint_rows:
         parts += [
             "",
@@ -194,5 +246,5 @@ def format_report(report: dict[str, Any]) -> str:
         parts += ["", streaming.format_figures(report["streaming"])]
     if report.get("cold_start"):
         parts += ["", cold_start.format_report(report["cold_start"])]
-    parts += ["", "targets (issue 7):", format_targets(report["targets"])]
+    parts += ["", "targets (issues 7 and 23):", format_targets(report["targets"])]
     return "\n".join(parts)
