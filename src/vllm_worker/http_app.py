@@ -16,6 +16,11 @@ template, parsers and adapters of both endpoint types). It adds:
   object (the final chunk) with ``"stream": false``;
 - vLLM's exception handlers (its OpenAI error objects), and one for the worker's errors
   (``errors.http_error``), of the same shape.
+
+Not vLLM's whole ``build_app``: it builds a second set of serving objects from ``vllm
+serve``'s command-line arguments (a second wiring of the chat template, parsers and
+adapters), and registers routes a public endpoint must not have (``/scale_elastic_ep``,
+SageMaker's ``/ping`` and ``/invocations``, which would shadow RunPod's health check).
 """
 
 from __future__ import annotations
@@ -111,12 +116,12 @@ async def _generate(body: Annotated[dict[str, Any], Body()], raw_request: Reques
         # The first chunk (the final one when not streamed) comes after every check, the
         # engine's included: a bad input is a 4xx before anything is sent.
         first = await job.next()
+        assert first is not None
+        if isinstance(job_input, dict) and job_input.get("stream") is False:
+            return JSONResponse(await _last(first, job))  # the final chunk (the only one)
     except BaseException:
         job.cancel()  # the client left (with_cancellation), or the input was refused
         raise
-    assert first is not None
-    if isinstance(job_input, dict) and job_input.get("stream") is False:
-        return JSONResponse(first)
     return StreamingResponse(_events(job_id, first, job), media_type="text/event-stream")
 
 
@@ -154,6 +159,13 @@ class _Job:
 
     def cancel(self) -> None:
         self._task.cancel()
+
+
+async def _last(first: Chunk, job: _Job) -> Chunk:
+    last = first
+    while (chunk := await job.next()) is not None:
+        last = chunk
+    return last
 
 
 async def _events(job_id: str, first: Chunk, job: _Job) -> AsyncIterator[str]:

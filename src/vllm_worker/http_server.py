@@ -66,7 +66,7 @@ def serve(settings: Settings) -> int:
 
             app = build_app(worker)
             run = _Run(gate, worker.engine.is_dead, settings.shutdown_grace_seconds)
-            return run.until_stopped(app, servers[0].loop)
+            return run.until_stopped(app, servers[0])
     finally:
         for server in servers:
             server.stop()
@@ -83,7 +83,8 @@ class _Run:
         self.stop_requested: asyncio.Event | None = None
         self.signals = 0
 
-    def until_stopped(self, app: Any, loop: asyncio.AbstractEventLoop) -> int:
+    def until_stopped(self, app: Any, server: _ServerThread) -> int:
+        loop = server.loop
         future: Future[int] = asyncio.run_coroutine_threadsafe(self._serve(app), loop)
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -97,7 +98,9 @@ class _Run:
                 try:
                     return future.result(timeout=0.5)
                 except FutureTimeout:
-                    continue
+                    if not server.thread.is_alive():  # uvicorn itself failed: see its log
+                        log.error("the HTTP server stopped by itself; exiting with code 1")
+                        return 1
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

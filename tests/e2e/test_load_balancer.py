@@ -8,6 +8,7 @@ killed. The tiny model's weights are random: the tests check shapes, counts and 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import os
@@ -277,7 +278,7 @@ def test_over_capacity_is_a_429_and_a_client_that_leaves_aborts_its_request(
     assert worker.metric("vllm_worker_requests_refused_total") >= 1
 
 
-def test_a_client_that_leaves_an_openai_route_aborts_its_request(
+def test_a_client_that_leaves_a_route_of_vllm_or_a_native_request_aborts_it(
     worker: LBWorker, client: openai.OpenAI
 ) -> None:
     finished_before = worker.metric("vllm:request_success_total")
@@ -289,12 +290,27 @@ def test_a_client_that_leaves_an_openai_route_aborts_its_request(
     until(lambda: worker.metric("vllm:num_requests_running") == 1, "the stream runs")
     stream.close()
     until(lambda: worker.metric("vllm:num_requests_running") == 0, "the engine aborted it")
-    # Not streamed: the client gives up while vLLM generates.
-    with pytest.raises(openai.APITimeoutError):
-        openai.OpenAI(
-            base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=3
-        ).completions.create(model="tiny", prompt="x", **endless)
+    # Not streamed: the client gives up while vLLM generates (seen running first).
+    impatient = openai.OpenAI(
+        base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=10
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(impatient.completions.create, model="tiny", prompt="x", **endless)
+        until(lambda: worker.metric("vllm:num_requests_running") == 1, "the request runs")
+        with pytest.raises(openai.APITimeoutError):
+            waiting.result()
     until(lambda: worker.metric("vllm:num_requests_running") == 0, "the engine aborted it")
+    # The native route, not streamed.
+    body = native("x", max_tokens=ENDLESS_TOKENS, ignore_eos=True)
+    body["input"]["stream"] = False
+    aborts = worker.process.log().count("aborted after")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{worker.url}/generate", json=body, timeout=3)
+    until(
+        lambda: worker.process.log().count("aborted after") == aborts + 1,
+        "the engine aborted it (the worker's log)",
+    )
+    until(lambda: worker.metric("vllm:num_requests_running") == 0, "nothing runs")
     assert worker.metric("vllm:request_success_total") == finished_before
 
 
