@@ -28,6 +28,7 @@ import datetime
 import itertools
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -236,7 +237,8 @@ def summarize(traces: Sequence[JobTrace], wall_s: float, cpu_s: float) -> dict[s
         "bytes_per_job": stream_bytes / jobs,
         "aggregate_bytes_per_job": sum(trace.aggregate_bytes for trace in traces) / jobs,
         "final_text_bytes_per_job": final_text_bytes / jobs,
-        "bytes_over_final_text": stream_bytes / final_text_bytes,
+        # NaN when no text came (a random model's few tokens, all partial UTF-8)
+        "bytes_over_final_text": stream_bytes / final_text_bytes if final_text_bytes else math.nan,
     }
 
 

@@ -8,8 +8,8 @@ sampling and ``max_tokens`` as the raw engine's:
 - ``lb-completions``: vLLM's ``/v1/completions`` route, streamed (its server-sent events);
 - ``lb-native``: the native route ``/generate`` with ``stream_mode: delta``.
 
-Times are taken on the client: the first token is the first event that carries text,
-counted from just before the request is sent; bytes are the response bodies. ``vs_raw``
+Times are taken on the client: the first token is the first event of a token, counted
+from just before the request is sent; bytes are the response bodies. ``vs_raw``
 compares with the in-process raw engine at the same concurrency (the issue's targets:
 first token within 5 ms of raw's, one at a time; tokens/s at least 0.97 of raw's at 32).
 """
@@ -39,13 +39,14 @@ HANDLER = Path(__file__).resolve().parent.parent / "src" / "handler.py"
 START_TIMEOUT_S = 600.0
 JOB_TIMEOUT_S = 600.0
 MODES = ("lb-completions", "lb-native")
+SERVED_NAME = "bench"  # SERVED_MODEL_NAME of the server this module starts
 
 
 async def completions_job(
-    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str
 ) -> JobTrace:
     body = {
-        "model": "bench",
+        "model": model,
         "prompt": prompt,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -59,9 +60,10 @@ async def completions_job(
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
-            text = "".join(choice["text"] for choice in event["choices"])
-            if text:
+            if event["choices"]:  # a token's event (its text may be empty: a partial UTF-8
+                # character); the last event holds only the usage
                 trace.chunk_times.append(time.perf_counter())
+                text = "".join(choice["text"] for choice in event["choices"])
                 trace.final_text_bytes += len(text.encode())
             if event.get("usage"):
                 trace.tokens = event["usage"]["completion_tokens"]
@@ -69,7 +71,7 @@ async def completions_job(
 
 
 async def native_job(
-    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str
 ) -> JobTrace:
     job_input = {
         "prompt": prompt,
@@ -97,7 +99,7 @@ JOBS = {"lb-completions": completions_job, "lb-native": native_job}
 
 
 async def run_cell(
-    url: str, mode: str, prompts: Sequence[str], concurrency: int, max_tokens: int
+    url: str, mode: str, prompts: Sequence[str], concurrency: int, *, max_tokens: int, model: str
 ) -> dict[str, Any]:
     """``concurrency`` clients run one job per prompt back to back; one summary."""
     pending = iter(prompts)
@@ -108,7 +110,7 @@ async def run_cell(
 
         async def client() -> None:
             for prompt in pending:
-                traces.append(await JOBS[mode](session, url, prompt, max_tokens))
+                traces.append(await JOBS[mode](session, url, prompt, max_tokens, model))
 
         started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -120,20 +122,22 @@ async def run_cell(
 
 
 async def run_grid(
-    url: str, plan: Plan, raw_rows: Sequence[dict[str, Any]]
+    url: str, plan: Plan, raw_rows: Sequence[dict[str, Any]], model: str = SERVED_NAME
 ) -> list[dict[str, Any]]:
-    """Every (concurrency, mode) cell; repeats interleave the modes."""
+    """Every (concurrency, mode) cell on the server at ``url`` (serving ``model``);
+    repeats interleave the modes."""
     top = max(plan.concurrency)
     prompts = job_prompts(plan.jobs(top))
     for mode in MODES:  # warm-up
-        await run_cell(url, mode, prompts[:top], top, 8)
+        await run_cell(url, mode, prompts[:top], top, max_tokens=8, model=model)
     results = []
     for concurrency in plan.concurrency:
         runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for repeat in range(plan.repeats):
             for mode in MODES:
+                jobs = prompts[: plan.jobs(concurrency)]
                 run = await run_cell(
-                    url, mode, prompts[: plan.jobs(concurrency)], concurrency, plan.max_tokens
+                    url, mode, jobs, concurrency, max_tokens=plan.max_tokens, model=model
                 )
                 runs[mode].append(run)
                 progress(
@@ -190,7 +194,7 @@ def run_load_balancer(
         "ENDPOINT_TYPE": "load_balancer",
         "HOST": "127.0.0.1",
         "PORT": str(port),
-        "SERVED_MODEL_NAME": "bench",
+        "SERVED_MODEL_NAME": SERVED_NAME,
         "MAX_CONCURRENCY": str(max(plan.concurrency) + 8),
         "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         "RUNPOD_SKIP_GPU_CHECK": "true",

@@ -116,15 +116,15 @@ def _load_balancer_targets(
 
 def _speed_cells(row: dict[str, Any]) -> list[Any]:
     """The columns every speed table starts with: mode, concurrency, tokens/s, first chunk."""
-    vs_raw = row["vs_raw"]
+    vs_raw = row["vs_raw"] or {}  # None: no raw cell at this concurrency
     return [
         row["mode"],
         row["concurrency"],
         row["tokens_per_s"],
-        vs_raw["tokens_per_s_ratio"],
+        vs_raw.get("tokens_per_s_ratio", "-"),
         row["ttft_ms"]["p50"],
         row["ttft_ms"]["p95"],
-        vs_raw["ttft_p50_delta_ms"],
+        vs_raw.get("ttft_p50_delta_ms", "-"),
     ]
 
 
@@ -227,7 +227,7 @@ def format_report(report: dict[str, Any]) -> str:
             "",
             "HTTP streams, side by side: the load-balancing server (lb-completions: vLLM's "
             "/v1/completions; lb-native: /generate, delta) and the queue's local endpoint "
-            "(endpoint-*, when measured); ttft = the first event with text, as the client "
+            "(endpoint-*, when measured); ttft = the first event of a token, as the client "
             "sees it; x raw, +raw: against the in-process raw engine:",
             format_http(sorted(lb_rows + endpoint_rows, key=lambda row: row["concurrency"])),
         ]

@@ -8,8 +8,9 @@ on the worker's one set of vLLM serving objects (``openai_routes.Servers``: the 
 template, parsers and adapters of both endpoint types). It adds:
 
 - the worker's checks of a request body (``openai_input.check_request``/``check_body``:
-  MAX_INPUT_CHARS, 64-bit integers, MAX_N, ``best_of``, ``tools``), as a dependency of
-  every vLLM route, so both endpoint types refuse the same requests;
+  MAX_INPUT_CHARS, 64-bit integers, MAX_N, ``best_of``, ``tools``; unknown fields,
+  ``OpenAIRoutes.check_fields``), as a dependency of every vLLM route, so both endpoint
+  types refuse the same requests;
 - ``/v1/models`` as the queue answers it (adapters by name, never by folder);
 - ``POST /generate``, the native input ``{"input": {...}}``: server-sent events, one
   ``data:`` event per chunk the queue yields (the last is the final chunk), or one JSON
@@ -33,6 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.anthropic import api_router as anthropic_routes
 from vllm.entrypoints.openai.chat_completion import api_router as chat_routes
@@ -44,6 +46,7 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from vllm_worker.errors import InvalidInputError, WorkerError, http_error
 from vllm_worker.openai_input import check_body, check_request
+from vllm_worker.openai_routes import invalid_request
 from vllm_worker.startup import Serving
 from vllm_worker.streaming import Chunk
 
@@ -79,6 +82,9 @@ def build_app(serving: Serving) -> FastAPI:
     app.add_api_route(NATIVE_PATH, with_cancellation(_generate), methods=["POST"])
     init_exception_handler(app)
     app.add_exception_handler(WorkerError, _worker_error)
+    # One line naming the field, as the queue's OpenAI route answers (vLLM's own handler
+    # writes pydantic's errors on several lines, each with the value sent).
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     return app
 
 
@@ -94,6 +100,8 @@ async def _worker_checks(request: Request) -> None:
     if isinstance(body, dict):
         settings = serving.jobs.settings
         check_body(body, max_n=settings.max_n, tool_calling=settings.tool_call_parser is not None)
+        path = request.url.path
+        serving.openai_routes.check_fields(path if path.startswith("/v1/") else "/v1" + path, body)
 
 
 async def _models(request: Request) -> JSONResponse:
@@ -189,3 +197,8 @@ def _event(chunk: Chunk) -> str:
 async def _worker_error(_request: Request, error: Exception) -> JSONResponse:
     status, body = http_error(error)
     return JSONResponse(body, status_code=status)
+
+
+async def _invalid_body(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return await _worker_error(request, invalid_request(error.errors()))

@@ -36,11 +36,12 @@ import uvicorn
 from vllm_worker.errors import SettingsError
 from vllm_worker.http_gate import Gate, Phase, health_only
 from vllm_worker.settings import Settings
+from vllm_worker.startup import serving
 
 log = logging.getLogger(__name__)
 
 ENGINE_WATCH_INTERVAL_S = 0.5
-UNHEALTHY_LINGER_S = 5.0
+UNHEALTHY_LINGER_S = 3.0
 SERVER_START_TIMEOUT_S = 30.0
 # Once drained (or after the grace period), how long uvicorn waits for connections
 # before it cancels their tasks.
@@ -50,8 +51,6 @@ CUT_OFF_S = 1
 def serve(settings: Settings) -> int:
     """Serve until stopped; the process's exit code (0 after SIGTERM, 1 after the
     engine's death)."""
-    from vllm_worker.startup import serving
-
     gate = Gate(settings)
     servers = [_ServerThread(gate, settings.host, settings.port, "PORT")]
     if settings.port_health is not None and settings.port_health != settings.port:
@@ -62,7 +61,7 @@ def serve(settings: Settings) -> int:
         for server in servers:
             server.start()
         with serving(settings) as worker:
-            from vllm_worker.http_app import build_app
+            from vllm_worker.http_app import build_app  # imports vLLM: once it has started
 
             app = build_app(worker)
             run = _Run(gate, worker.engine.is_dead, settings.shutdown_grace_seconds)

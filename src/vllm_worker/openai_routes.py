@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,6 +52,7 @@ from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.renderers.online_renderer import OnlineRenderer
@@ -69,6 +71,7 @@ from vllm_worker.openai_input import (
     OpenAIJob,
     served_model_name,
 )
+from vllm_worker.schema import MAX_PROBLEMS_SHOWN
 from vllm_worker.settings import Settings
 from vllm_worker.streaming import EmissionClock
 
@@ -76,9 +79,33 @@ from vllm_worker.streaming import EmissionClock
 _CONTENT_FORMAT = "auto"
 
 
-# A route's serving call (an awaitable of a response, an error or a stream) and the
-# validator of its request body (TokenizeRequest is a union, not a model: a TypeAdapter).
-_Route = tuple[Callable[[Any], Awaitable[Any]], TypeAdapter[Any]]
+# A route's serving call (an awaitable of a response, an error or a stream), the
+# validator of its request body (TokenizeRequest is a union, not a model: a TypeAdapter)
+# and the fields that body may have.
+_Route = tuple[Callable[[Any], Awaitable[Any]], TypeAdapter[Any], frozenset[str]]
+
+
+# The fields of OpenAI's API (its API reference) that vLLM 0.32's request models lack.
+OPENAI_FIELDS_VLLM_LACKS: dict[str, frozenset[str]] = {
+    CHAT: frozenset(
+        {
+            "audio",
+            "function_call",
+            "functions",
+            "metadata",
+            "modalities",
+            "prediction",
+            "prompt_cache_key",
+            "safety_identifier",
+            "service_tier",
+            "store",
+            "verbosity",
+            "web_search_options",
+        }
+    ),
+    COMPLETIONS: frozenset({"best_of"}),  # refused unless 1 (openai_input.check_body)
+    RESPONSES: frozenset({"conversation", "safety_identifier", "stream_options"}),
+}
 
 
 class OpenAIRoutes:
@@ -160,13 +187,32 @@ class OpenAIRoutes:
         dumped: dict[str, Any] = models.model_dump()
         return dumped
 
+    def check_fields(self, route: str, body: Mapping[str, Any]) -> None:
+        """Refuse a field that neither vLLM's request model of ``route`` nor OpenAI's API
+        has (a typo such as ``temprature``): vLLM would ignore it, with a line in the log,
+        and the client believe it applied. Fields of OpenAI's API that vLLM lacks are
+        ignored as vLLM ignores them: clients written for OpenAI send them."""
+        if route not in self._routes or route in (MESSAGES, COUNT_TOKENS):
+            return  # Anthropic's API: its clients (Claude Code) send its newest fields
+        known = self._routes[route][2] | OPENAI_FIELDS_VLLM_LACKS.get(route, frozenset())
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise OpenAIRequestError(
+                f"{', '.join(unknown[:MAX_PROBLEMS_SHOWN])}: unknown field; vLLM's {route} "
+                "does not take it",
+                status=400,
+                error_type="BadRequestError",
+                param=unknown[0],
+            )
+
     async def _start(self, job: OpenAIJob) -> Any:
         """vLLM's answer: a response, an ErrorResponse, or the stream's event generator."""
-        serve, request_model = self._routes[job.route]
+        serve, request_model, _fields = self._routes[job.route]
+        self.check_fields(job.route, job.body)
         try:
             return await serve(request_model.validate_python(job.body))
         except ValidationError as error:
-            raise _invalid_request(error) from None
+            raise invalid_request(error.errors(include_url=False)) from None
         except Exception as error:  # what vLLM's API server turns into an error response
             raise _to_worker_error(create_error_response(error)) from error
 
@@ -221,7 +267,20 @@ def _route_table(servers: Servers) -> dict[str, _Route]:
         TOKENIZE: (partial(tokenization.create_tokenize, raw_request=None), TokenizeRequest),
         DETOKENIZE: (partial(tokenization.create_detokenize, raw_request=None), DetokenizeRequest),
     }
-    return {route: (call, TypeAdapter(request)) for route, (call, request) in calls.items()}
+    return {
+        route: (call, TypeAdapter(request), _fields_of(request))
+        for route, (call, request) in calls.items()
+    }
+
+
+def _fields_of(request: Any) -> frozenset[str]:
+    """The fields of a request model, or of each model of a union, by name and alias."""
+    names: set[str] = set()
+    for model in typing.get_args(request) or (request,):
+        for name, field in model.model_fields.items():
+            names.add(name)
+            names.update(alias for alias in (field.alias, field.validation_alias) if alias)
+    return frozenset(name for name in names if isinstance(name, str))
 
 
 def _dumped(route: str, response: Any) -> Any:
@@ -284,17 +343,27 @@ async def coalesce(events: AsyncIterator[str], clock: EmissionClock) -> AsyncIte
         yield "".join(held)
 
 
-def _invalid_request(error: ValidationError) -> OpenAIRequestError:
-    """A request body that does not match vLLM's request model: every problem, one line."""
+def invalid_request(details: Sequence[Mapping[str, Any]]) -> OpenAIRequestError:
+    """A request body that does not match vLLM's request model (pydantic's errors, or
+    FastAPI's, whose locations start with "body"): one line, at most
+    ``MAX_PROBLEMS_SHOWN`` problems, each its field and what is wrong, never the value."""
     problems = []
     param = None
-    for detail in error.errors(include_url=False):
-        field = ".".join(str(part) for part in detail["loc"]) or "body"
+    for detail in details:
+        loc = tuple(detail["loc"])
+        loc = loc[1:] if loc[:1] == ("body",) else loc
+        if detail["type"] == "json_invalid":  # FastAPI's: the location is a character's
+            reason = detail.get("ctx", {}).get("error", "")
+            problems.append(f"body: not valid JSON ({reason} at character {loc[-1]})")
+            continue
+        field = clean_loc_for_param(loc) if loc else "body"
         # OpenAI's "param" is the request's field, not pydantic's path into a union.
-        param = param or (str(detail["loc"][0]) if detail["loc"] else None)
+        param = param or (field.split(".")[0] if loc else None)
         problems.append(f"{field}: {detail['msg']}")
+    more = len(problems) - MAX_PROBLEMS_SHOWN
+    shown = problems[:MAX_PROBLEMS_SHOWN] + ([f"and {more} more"] if more > 0 else [])
     return OpenAIRequestError(
-        "; ".join(problems), status=400, error_type="BadRequestError", param=param
+        "; ".join(shown), status=400, error_type="BadRequestError", param=param
     )
 
 

@@ -1,7 +1,6 @@
 """`python -m bench --quick`: the benchmark runs end to end and writes its results.
 
-With the load-balancing server's streams (its own engine). Without the cold start, a
-further engine start (40 s of the suite): its code path is the
+Without the cold start, a third engine start (40 s of the suite): its code path is the
 worker's own start-up, which the lifecycle tests run, and the lazy imports it checks are
 tested in tests/unit/test_lazy_imports.py.
 
@@ -27,8 +26,6 @@ MODES = {
     "handler-delta",
     "handler-cumulative-0ms",  # a chunk per engine output
     "handler-delta-0ms",
-    "lb-completions",  # the load-balancing server's HTTP streams (--load-balancer)
-    "lb-native",
 }
 
 
@@ -39,7 +36,7 @@ def positive(value: Any) -> bool:
 def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "bench", "--quick", "--no-cold-start", "--load-balancer"),
+            *(sys.executable, "-m", "bench", "--quick", "--no-cold-start"),
             *("--output", str(tmp_path)),
         ],
         cwd=REPO_ROOT,
@@ -83,8 +80,5 @@ def test_quick_benchmark_writes_its_results(worker_env: dict[str, str], tmp_path
 
     assert "cold_start" not in report
     assert "tokens_per_s_ratio_at_max_concurrency" in report["targets"]
-    assert {"lb-native_ttft_p50_delta_ms_at_1", "lb-completions_tokens_per_s_ratio_at_4"} <= set(
-        report["targets"]
-    )
-    assert "HTTP streams, side by side" in result.stdout
+
     assert "raw" in result.stdout and "targets" in result.stdout  # the printed table

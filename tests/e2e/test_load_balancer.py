@@ -19,9 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
+from bench import load_balancer
+from bench.inprocess import Clock, Plan
+from bench.report import format_http
 
 from helpers import ENDLESS_TOKENS, LONG_CONTEXT_ENV, engine_core
 from lb_worker import LBWorker, start_lb_worker
@@ -31,7 +35,8 @@ SECRET = "SECRET-PROMPT-TEXT-4b1d"  # must never reach the worker's log
 WAIT_S = 120.0  # the most any state here is waited for (it comes in seconds)
 SETTINGS = {
     **LONG_CONTEXT_ENV,  # endless requests
-    "KV_CACHE_MEMORY_BYTES": str(1024 * 1024 * 1024),  # 200 endless requests, no preemption
+    # 200 endless requests for seconds (a few hundred tokens each), never preempted.
+    "KV_CACHE_MEMORY_BYTES": str(512 * 1024 * 1024),
     "MAX_CONCURRENCY": str(CONCURRENCY),
     "MAX_REQUEST_BYTES": "100000",
     "SHUTDOWN_GRACE_SECONDS": "600",  # the SIGTERM test ends the drain with a second signal
@@ -109,6 +114,26 @@ def test_the_openai_client_chats_and_completes_streamed_and_not(
     assert streamed == completion.choices[0].text
 
 
+def test_the_anthropic_api_and_tokenization_are_served(worker: LBWorker) -> None:
+    claude = anthropic.Anthropic(
+        base_url=worker.url, auth_token="unused", max_retries=0, timeout=WAIT_S
+    )
+    question: Any = [{"role": "user", "content": "Name a river."}]
+    answer = claude.messages.create(model="tiny", max_tokens=5, messages=question)
+    # The random model may end by itself before max_tokens.
+    assert answer.stop_reason in ("max_tokens", "end_turn")
+    assert 1 <= answer.usage.output_tokens <= 5
+    counted = claude.messages.count_tokens(model="tiny", messages=question)
+    assert counted.input_tokens == answer.usage.input_tokens
+    with claude.messages.stream(model="tiny", max_tokens=5, messages=question) as stream:
+        events = [event.type for event in stream]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    for path in ("/tokenize", "/v1/tokenize"):
+        body = {"model": "tiny", "prompt": "hi"}
+        tokens = httpx.post(worker.url + path, json=body, timeout=WAIT_S)
+        assert tokens.status_code == 200 and tokens.json()["count"] >= 1
+
+
 def test_the_native_route_streams_server_sent_events_to_curl(worker: LBWorker) -> None:
     body = native("Once upon a time", n=2, max_tokens=12, ignore_eos=True)
     curl = ["curl", "-sS", "-N", "--max-time", str(WAIT_S), "-H", "content-type: application/json"]
@@ -142,7 +167,7 @@ def test_the_native_route_streams_server_sent_events_to_curl(worker: LBWorker) -
 @pytest.mark.parametrize(
     ("path", "body", "status", "says"),
     [
-        ("/generate", b'{"input": {"prompt": "' + SECRET.encode(), 400, "JSON decode error"),
+        ("/generate", b'{"input": {"prompt": "' + SECRET.encode(), 400, "body: not valid JSON"),
         (
             "/generate",
             {"input": {"prompt": SECRET, "temprature": 1}},
@@ -164,12 +189,23 @@ def test_the_native_route_streams_server_sent_events_to_curl(worker: LBWorker) -
             "n: must be at most 16 (MAX_N)",
         ),
         (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": SECRET}], "temprature": 1},
+            400,
+            "temprature: unknown field",
+        ),
+        (
             "/v1/completions",
             {"model": "tiny", "prompt": SECRET, "max_tokens": -1},
             400,
             "max_tokens",
         ),
-        ("/v1/completions", b'{"model": "tiny", "prompt": "' + SECRET.encode(), 400, "JSON"),
+        (
+            "/v1/completions",
+            b'{"model": "tiny", "prompt": "' + SECRET.encode(),
+            400,
+            "body: not valid JSON (Unterminated string",
+        ),
     ],
     ids=[
         "bad json",
@@ -178,6 +214,7 @@ def test_the_native_route_streams_server_sent_events_to_curl(worker: LBWorker) -
         "unknown top field",
         "too large",
         "openai n",
+        "openai unknown field",
         "openai range",
         "openai bad json",
     ],
@@ -195,6 +232,7 @@ def test_a_bad_request_gets_a_one_line_4xx_and_the_server_serves_on(
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert says in error["message"] and error["code"] == status, error
+    assert "\n" not in error["message"] and SECRET not in error["message"], error
     ok = httpx.post(f"{worker.url}/generate", json=native("x", max_tokens=2), timeout=WAIT_S)
     assert ok.status_code == 200
     assert SECRET not in worker.process.log()
@@ -312,6 +350,29 @@ def test_a_client_that_leaves_a_route_of_vllm_or_a_native_request_aborts_it(
     )
     until(lambda: worker.metric("vllm:num_requests_running") == 0, "nothing runs")
     assert worker.metric("vllm:request_success_total") == finished_before
+
+
+def test_the_benchmarks_clients_measure_this_server(worker: LBWorker) -> None:
+    """``python -m bench --load-balancer``'s clients (bench/load_balancer.py), against this
+    module's server instead of one of its own: errors only, never speed."""
+    plan = Plan(
+        concurrency=(1, 2),
+        max_tokens=4,
+        repeats=1,
+        min_jobs=2,
+        default_clock=Clock.default(),
+        bytes_max_tokens=4,
+        bytes_growths=(),
+    )
+    rows = asyncio.run(load_balancer.run_grid(worker.url, plan, [], model="tiny"))
+    assert {(row["mode"], row["concurrency"]) for row in rows} == {
+        (mode, concurrency) for mode in load_balancer.MODES for concurrency in (1, 2)
+    }
+    for row in rows:
+        assert row["tokens"] == row["jobs"] * 4 and row["tokens_per_s"] > 0
+        assert row["ttft_ms"]["p50"] > 0 and row["vs_raw"] is None  # no raw rows here
+    table = format_http(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[0].startswith("mode")
 
 
 def test_metrics_show_vllm_and_the_worker(worker: LBWorker) -> None:

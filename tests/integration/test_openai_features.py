@@ -48,6 +48,28 @@ def test_tools_on_a_worker_without_tool_calling_are_refused_with_a_400(
     )
 
 
+@pytest.mark.parametrize("route", [CHAT, RESPONSES])
+def test_a_field_vllm_would_ignore_is_refused_with_a_400_naming_it(
+    run: Run, engine: Engine, settings: Settings, route: str
+) -> None:
+    body: dict[str, Any] = {"temprature": 0.5}
+    body |= {"messages": ASK, "max_tokens": 8} if route == CHAT else {"input": "Weather?"}
+    (output,) = outputs(run, engine, settings, route, body)
+    error = json.loads(output["error"])["error"]
+    assert error["code"] == 400 and error["param"] == "temprature"
+    assert error["message"] == (
+        f"invalid_input: temprature: unknown field; vLLM's {route} does not take it"
+    )
+
+
+def test_fields_of_openais_api_that_vllm_lacks_are_taken_as_vllm_takes_them(
+    run: Run, engine: Engine, settings: Settings
+) -> None:
+    body = {"messages": ASK, "max_tokens": 2, "store": False, "metadata": {"user": "a"}}
+    (output,) = outputs(run, engine, settings, CHAT, body)
+    assert output["object"] == "chat.completion", output
+
+
 def test_tool_strict_level_parameter_pins_a_plain_functions_arguments(
     run: Run, engine: Engine, settings: Settings
 ) -> None:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from vllm_worker.openai_routes import _invalid_request, coalesce
+from vllm_worker.openai_routes import _fields_of, coalesce, invalid_request
 from vllm_worker.streaming import EmissionClock
 
 EVENTS = [f'data: {{"n": {i}}}\n\n' for i in range(5)] + ["data: [DONE]\n\n"]
@@ -40,7 +40,7 @@ def test_events_held_back_go_together_and_the_last_always_goes() -> None:
 def validation_error(model: type[CompletionRequest | ChatCompletionRequest], body: object) -> str:
     with pytest.raises(ValidationError) as invalid:
         model.model_validate(body)
-    error = _invalid_request(invalid.value)
+    error = invalid_request(invalid.value.errors(include_url=False))
     assert error.status == 400
     assert error.error_type == "BadRequestError"
     return f"{error.param} | {error.message}"
@@ -61,4 +61,41 @@ def test_a_missing_field_is_named_and_every_problem_listed() -> None:
 
 def test_the_param_is_the_requests_field_not_a_path_into_a_union() -> None:
     text = validation_error(CompletionRequest, {"model": "m", "prompt": "x", "stop": [1]})
-    assert text.startswith("stop | stop.str: Input should be a valid string; stop.list[str].0: ")
+    # pydantic's markers of a union's branches (stop.str, stop.list[str].0) left out
+    assert (
+        text
+        == "stop | stop: Input should be a valid string; stop.0: Input should be a valid string"
+    )
+
+
+def test_fastapis_errors_name_the_field_and_invalid_json_says_where() -> None:
+    error = invalid_request(
+        [
+            {"type": "missing", "loc": ("body", "messages"), "msg": "Field required"},
+            {
+                "type": "json_invalid",
+                "loc": ("body", 23),
+                "msg": "JSON decode error",
+                "ctx": {"error": "Expecting ',' delimiter"},
+            },
+        ]
+    )
+    assert error.message == (
+        "messages: Field required; body: not valid JSON (Expecting ',' delimiter at character 23)"
+    )
+    assert error.param == "messages"
+
+
+def test_at_most_five_problems_are_listed() -> None:
+    details = [
+        {"type": "missing", "loc": ("body", f"f{n}"), "msg": "Field required"} for n in range(8)
+    ]
+    assert invalid_request(details).message.endswith("f4: Field required; and 3 more")
+
+
+def test_the_fields_of_a_union_are_those_of_each_model() -> None:
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
+
+    fields = _fields_of(TokenizeRequest)
+    assert {"prompt", "messages", "add_special_tokens"} <= fields
+    assert {"model", "messages", "max_tokens", "ignore_eos"} <= _fields_of(ChatCompletionRequest)
