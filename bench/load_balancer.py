@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,18 @@ MODES = ("lb-completions", "lb-native")
 SERVED_NAME = "bench"  # SERVED_MODEL_NAME of the server this module starts
 
 
+async def _events(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], trace: JobTrace
+) -> AsyncIterator[Any]:
+    """The JSON of each server-sent event of a streamed POST; the bytes counted."""
+    async with session.post(url, json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.content:
+            trace.stream_bytes += len(line)
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
 async def completions_job(
     session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str
 ) -> JobTrace:
@@ -53,20 +65,14 @@ async def completions_job(
         **sampling_params_input(max_tokens),
     }
     trace = JobTrace(started=time.perf_counter())
-    async with session.post(f"{url}/v1/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.content:
-            trace.stream_bytes += len(line)
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event["choices"]:  # a token's event (its text may be empty: a partial UTF-8
-                # character); the last event holds only the usage
-                trace.chunk_times.append(time.perf_counter())
-                text = "".join(choice["text"] for choice in event["choices"])
-                trace.final_text_bytes += len(text.encode())
-            if event.get("usage"):
-                trace.tokens = event["usage"]["completion_tokens"]
+    async for event in _events(session, f"{url}/v1/completions", body, trace):
+        if event["choices"]:  # a token's event (its text may be empty: a partial UTF-8
+            # character); the last event holds only the usage
+            trace.chunk_times.append(time.perf_counter())
+            text = "".join(choice["text"] for choice in event["choices"])
+            trace.final_text_bytes += len(text.encode())
+        if event.get("usage"):
+            trace.tokens = event["usage"]["completion_tokens"]
     return trace
 
 
@@ -79,19 +85,13 @@ async def native_job(
         "stream_mode": "delta",
     }
     trace = JobTrace(started=time.perf_counter())
-    async with session.post(f"{url}/generate", json={"input": job_input}) as reply:
-        reply.raise_for_status()
-        async for line in reply.content:
-            trace.stream_bytes += len(line)
-            if not line.startswith(b"data: "):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"native job failed: {chunk['error']}")
-            trace.chunk_times.append(time.perf_counter())
-            trace.final_text_bytes += len(chunk["text"][0].encode())
-            if "usage" in chunk:
-                trace.tokens = chunk["usage"]["completion_tokens"]
+    async for chunk in _events(session, f"{url}/generate", {"input": job_input}, trace):
+        if "error" in chunk:
+            raise RuntimeError(f"native job failed: {chunk['error']}")
+        trace.chunk_times.append(time.perf_counter())
+        trace.final_text_bytes += len(chunk["text"][0].encode())
+        if "usage" in chunk:
+            trace.tokens = chunk["usage"]["completion_tokens"]
     return trace
 
 

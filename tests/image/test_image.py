@@ -287,12 +287,11 @@ class Container:
                 proc.kill()
 
 
-def start_worker(
-    docker: Docker, image: str, endpoint: Endpoint, name: str, **settings: str
+def run_detached(
+    docker: Docker, image: str, name: str, env: dict[str, str], log_path: Path
 ) -> Container:
-    """The image in production mode, attached to the endpoint as the README says."""
+    """The image detached, with the options the README gives, on the host network."""
     docker("rm", "-f", name, check=False)
-    env = {**TINY_SETTINGS, **endpoint.worker_env, "RUNPOD_POD_ID": name, **settings}
     docker(
         "run",
         "-d",
@@ -309,7 +308,15 @@ def start_worker(
         *env_options(env),
         image,
     )
-    return Container(docker, name, endpoint.log_path.with_name(f"{name}.log"))
+    return Container(docker, name, log_path)
+
+
+def start_worker(
+    docker: Docker, image: str, endpoint: Endpoint, name: str, **settings: str
+) -> Container:
+    """The image in production mode, attached to the endpoint as the README says."""
+    env = {**TINY_SETTINGS, **endpoint.worker_env, "RUNPOD_POD_ID": name, **settings}
+    return run_detached(docker, image, name, env, endpoint.log_path.with_name(f"{name}.log"))
 
 
 def until_serving(endpoint: Endpoint, container: Container) -> float:
@@ -538,22 +545,8 @@ def test_load_balancer_mode_streams_a_chat_completion_and_stops_on_docker_stop(
     settings = {**TINY_SETTINGS, **demo_model.SERVING, "ENDPOINT_TYPE": "load_balancer"}
     settings.update({"PORT": str(port), "HOST": "127.0.0.1"})
     del settings["SERVED_MODEL_NAME"]  # the baked MODEL_NAME is already the public name
-    docker("rm", "-f", name, check=False)
     started = time.monotonic()
-    docker(
-        "run",
-        "-d",
-        "--name",
-        name,
-        *readme_run_options(),
-        "--network",
-        "host",
-        "--cpu-shares",
-        "2",
-        *env_options(settings),
-        demo_image.tag,
-    )
-    container = Container(docker, name, tmp_path / f"{name}.log")
+    container = run_detached(docker, demo_image.tag, name, settings, tmp_path / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
         pings: list[int] = []
