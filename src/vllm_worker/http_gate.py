@@ -90,9 +90,17 @@ class Gate:
         self.in_flight = 0
         self.idle = asyncio.Event()  # no request in flight (bound to the serving loop)
         self.idle.set()
+        self.death_reported = asyncio.Event()  # a health check was told "unhealthy"
         self._metrics = make_asgi_app(REGISTRY)
         self.phase = Phase.STARTING
         STATE.state(self.phase.value)
+
+    def health_status(self) -> int:
+        """The health path's answer; once the engine died, the first 503 is noted
+        (``death_reported``): the process exits after it."""
+        if self.phase is Phase.DEAD:
+            self.death_reported.set()
+        return PING_STATUS[self.phase]
 
     def set_phase(self, phase: Phase, app: Any = None) -> None:
         if app is not None:
@@ -106,7 +114,7 @@ class Gate:
             return
         path = scope["path"]
         if path == self.health_path:
-            await _empty(send, PING_STATUS[self.phase])
+            await _empty(send, self.health_status())
         elif path == METRICS_PATH or path.startswith(METRICS_PATH + "/"):
             await self._metrics(scope, receive, send)
         else:
@@ -186,7 +194,7 @@ def health_only(gate: Gate) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             found = scope["path"] == gate.health_path
-            await _empty(send, PING_STATUS[gate.phase] if found else 404)
+            await _empty(send, gate.health_status() if found else 404)
 
     return app
 

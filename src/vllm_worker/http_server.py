@@ -14,8 +14,9 @@
    - SIGTERM: new requests get 503 and the health path 503; the requests in flight get
      SHUTDOWN_GRACE_SECONDS to finish; then the servers stop (cutting any left, which
      aborts their vLLM requests) and the process exits 0;
-   - the engine died: every request gets 503, the health path 503 for
-     ``UNHEALTHY_LINGER_S`` (so that RunPod's health check sees it), then exit 1.
+   - the engine died: every request gets 503 and the health path 503; once a health
+     check has seen that (RunPod then routes nothing here), or after
+     ``UNHEALTHY_MAX_WAIT_S`` without one, the process exits 1.
 
 A second signal while draining stops at once.
 """
@@ -23,6 +24,7 @@ A second signal while draining stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -41,7 +43,7 @@ from vllm_worker.startup import serving
 log = logging.getLogger(__name__)
 
 ENGINE_WATCH_INTERVAL_S = 0.5
-UNHEALTHY_LINGER_S = 3.0
+UNHEALTHY_MAX_WAIT_S = 30.0
 SERVER_START_TIMEOUT_S = 30.0
 # Once drained (or after the grace period), how long uvicorn waits for connections
 # before it cancels their tasks.
@@ -65,10 +67,19 @@ def serve(settings: Settings) -> int:
 
             app = build_app(worker)
             run = _Run(gate, worker.engine.is_dead, settings.shutdown_grace_seconds)
-            return run.until_stopped(app, servers[0])
+            try:
+                return run.until_stopped(app, servers[0])
+            finally:
+                # Before the engine stops: requests still in flight are cut off (their vLLM
+                # requests aborted), not ended by the engine's shutdown as if complete.
+                _stop(servers)
     finally:
-        for server in servers:
-            server.stop()
+        _stop(servers)  # the engine did not start: nothing is in flight
+
+
+def _stop(servers: list[_ServerThread]) -> None:
+    for server in servers:
+        server.stop()
 
 
 class _Run:
@@ -121,7 +132,8 @@ class _Run:
         if self.is_engine_dead():
             log.error("the engine died: refusing every request; exiting with code 1")
             self.gate.set_phase(Phase.DEAD)
-            await asyncio.sleep(UNHEALTHY_LINGER_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gate.death_reported.wait(), UNHEALTHY_MAX_WAIT_S)
             return 1
         await self._drain()
         return 0
@@ -193,6 +205,7 @@ class _ServerThread:
         log.info("HTTP server listening on %s (%s)", self.where, self.setting)
 
     def stop(self) -> None:
+        """Stop serving (at once if it has stopped already)."""
         self.server.should_exit = True
         self.thread.join(CUT_OFF_S + 10.0)
 

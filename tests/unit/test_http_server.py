@@ -79,21 +79,38 @@ def test_a_second_signal_ends_the_drain_at_once() -> None:
     assert asyncio.run(scenario()) == 0
 
 
-def test_a_dead_engine_turns_the_gate_dead_and_ends_with_1(
+def test_a_dead_engine_ends_with_1_once_a_health_check_saw_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_server, "UNHEALTHY_LINGER_S", 0.0)
     monkeypatch.setattr(http_server, "ENGINE_WATCH_INTERVAL_S", 0.01)
     dead = [False]
 
-    async def scenario() -> tuple[int, Phase]:
+    async def scenario() -> tuple[int, Phase, bool]:
         gate, run = run_for(600.0, dead)
         serving = asyncio.create_task(run._serve(noop_app))
         await until(lambda: gate.phase is Phase.SERVING)
         dead[0] = True
-        return await serving, gate.phase
+        await until(lambda: gate.phase is Phase.DEAD)
+        for _ in range(10):  # it waits for a health check, however long
+            await asyncio.sleep(0)
+        waited = not serving.done()
+        assert gate.health_status() == 503
+        return await serving, gate.phase, waited
 
-    assert asyncio.run(scenario()) == (1, Phase.DEAD)
+    assert asyncio.run(scenario()) == (1, Phase.DEAD, True)
+
+
+def test_a_dead_engine_nobody_asks_about_ends_with_1_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_server, "ENGINE_WATCH_INTERVAL_S", 0.01)
+    monkeypatch.setattr(http_server, "UNHEALTHY_MAX_WAIT_S", 0.05)
+
+    async def scenario() -> int:
+        _gate, run = run_for(600.0, [True])
+        return await run._serve(noop_app)
+
+    assert asyncio.run(scenario()) == 1
 
 
 def test_a_port_that_is_taken_stops_start_up_naming_the_setting() -> None:
