@@ -8,7 +8,7 @@ killed. The tiny model's weights are random: the tests check shapes, counts and 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import itertools
 import json
 import os
@@ -328,28 +328,37 @@ def test_a_client_that_leaves_a_route_of_vllm_or_a_native_request_aborts_it(
     until(lambda: worker.metric("vllm:num_requests_running") == 1, "the stream runs")
     stream.close()
     until(lambda: worker.metric("vllm:num_requests_running") == 0, "the engine aborted it")
-    # Not streamed: the client gives up while vLLM generates (seen running first).
-    impatient = openai.OpenAI(
-        base_url=f"{worker.url}/v1", api_key="unused", max_retries=0, timeout=10
-    )
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(impatient.completions.create, model="tiny", prompt="x", **endless)
-        until(lambda: worker.metric("vllm:num_requests_running") == 1, "the request runs")
-        with pytest.raises(openai.APITimeoutError):
-            waiting.result()
-    until(lambda: worker.metric("vllm:num_requests_running") == 0, "the engine aborted it")
-    # The native route, not streamed.
-    body = native("x", max_tokens=ENDLESS_TOKENS, ignore_eos=True)
-    body["input"]["stream"] = False
+    # Not streamed, vLLM's route then the native one: each seen running, then abandoned.
+    native_body = native("x", max_tokens=ENDLESS_TOKENS, ignore_eos=True)
+    native_body["input"]["stream"] = False
     aborts = worker.process.log().count("aborted after")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{worker.url}/generate", json=body, timeout=3)
+    for path, body in (
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", **endless["extra_body"], "max_tokens": ENDLESS_TOKENS},
+        ),
+        ("/generate", native_body),
+    ):
+        asyncio.run(abandoned_once_running(worker, path, body))
+        until(lambda: worker.metric("vllm:num_requests_running") == 0, "the engine aborted it")
+    # The native request's abort, in the worker's log (vLLM's route logs none).
     until(
         lambda: worker.process.log().count("aborted after") == aborts + 1,
         "the engine aborted it (the worker's log)",
     )
-    until(lambda: worker.metric("vllm:num_requests_running") == 0, "nothing runs")
     assert worker.metric("vllm:request_success_total") == finished_before
+
+
+async def abandoned_once_running(worker: LBWorker, path: str, body: dict[str, Any]) -> None:
+    """Send a request that cannot end by itself, and leave once vLLM runs it."""
+    async with httpx.AsyncClient(base_url=worker.url, timeout=WAIT_S) as http:
+        request = asyncio.create_task(http.post(path, json=body))
+        while await asyncio.to_thread(worker.metric, "vllm:num_requests_running") != 1:
+            assert not request.done(), request.result().text
+            await asyncio.sleep(0.05)
+        request.cancel()  # the connection is closed: the client left
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
 
 
 def test_the_benchmarks_clients_measure_this_server(worker: LBWorker) -> None:
@@ -398,7 +407,13 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_and_exits_0(
     proc = worker.process.proc
     assert proc is not None
 
-    async def scenario() -> tuple[list[Any], bool]:
+    async def until_async(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not await predicate():
+            assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> tuple[list[Any], list[str]]:
         async with httpx.AsyncClient(base_url=worker.url, timeout=WAIT_S) as http:
             finite = http.stream(
                 "POST", "/generate", json=native("a", n=4, max_tokens=400, ignore_eos=True)
@@ -413,26 +428,39 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_and_exits_0(
             await anext(finite_lines)
             await anext(endless_lines)
             os.kill(proc.pid, signal.SIGTERM)  # the worker only, as docker stop does
-            while (await http.get("/ping")).status_code != 503:
-                await asyncio.sleep(0.05)
+
+            async def unhealthy() -> bool:
+                return (await http.get("/ping")).status_code == 503
+
+            await until_async(unhealthy, "the health check says draining")
             refused = await http.post("/generate", json=native("c", max_tokens=2))
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "5"
             assert "shutting down" in refused.json()["error"]["message"]
+            # The engine goes on generating for the requests in flight (the endless one
+            # cannot have ended).
+            generated = worker.metric("vllm:generation_tokens_total")
+
+            async def generating() -> bool:
+                return (
+                    await asyncio.to_thread(worker.metric, "vllm:generation_tokens_total")
+                    > generated
+                )
+
+            await until_async(generating, "tokens generated while draining")
             rest = [line async for line in finite_lines]  # it finishes while draining
             # A second signal stops at once: the endless request is cut off.
             os.kill(proc.pid, signal.SIGTERM)
-            cut = False
-            try:
-                async for _line in endless_lines:
-                    pass
-            except httpx.HTTPError:
-                cut = True
+            endless_rest: list[str] = []
+            with contextlib.suppress(httpx.HTTPError):  # the connection cut mid-stream
+                async for line in endless_lines:
+                    endless_rest.append(line)
             await finite.__aexit__(None, None, None)
-            return sse_data("\n".join(rest)), cut
+            return sse_data("\n".join(rest)), endless_rest
 
-    chunks, _cut = asyncio.run(scenario())
+    chunks, endless_rest = asyncio.run(scenario())
     assert chunks[-1]["finish_reason"] == ["length"] * 4
+    assert not any("finish_reason" in line for line in endless_rest)  # never finished
     assert proc.wait(WAIT_S) == 0
     log = worker.process.log()
     assert "cutting off 1 requests in flight" in log
@@ -456,14 +484,21 @@ def test_a_dead_engine_turns_health_to_503_fails_requests_and_exits_1(
             lines = stream.iter_lines()
             next(lines)
             os.kill(engine_core(proc.pid), signal.SIGKILL)
-            # Unhealthy for a few seconds before it exits, refusing every request.
-            until(lambda: server.ping() == 503, "the health check says unhealthy")
-            refused = httpx.post(
-                f"{server.url}/generate", json=native("y", max_tokens=2), timeout=WAIT_S
-            )
+            # Every request refused; it exits once a health check has seen it unhealthy.
+            answers: list[httpx.Response] = []
+
+            def refused() -> bool:
+                answer = httpx.post(
+                    f"{server.url}/generate", json=native("y", max_tokens=2), timeout=WAIT_S
+                )
+                answers.append(answer)
+                return answer.status_code == 503
+
+            until(refused, "new requests get 503")
+            assert proc.poll() is None  # still there: no health check has asked yet
+            assert server.ping() == 503
             rest = "\n".join(lines)
-        assert refused.status_code == 503, refused.text
-        assert "engine stopped" in refused.json()["error"]["message"]
+        assert "engine stopped" in answers[-1].json()["error"]["message"]
         # The request in flight ends with an error event.
         assert "event: error" in rest
         assert "the engine stopped (its process died)" in rest
