@@ -199,7 +199,10 @@ class _ServerThread:
         waited = 0.0
         while not self.server.started:
             if not self.thread.is_alive() or waited > SERVER_START_TIMEOUT_S:
-                raise SettingsError(f"{self.setting}: cannot listen on {self.where}")
+                raise SettingsError(
+                    f"{self.setting} with HOST: cannot listen on {self.where} (the port is "
+                    "taken, or HOST is not an address of this machine)"
+                )
             self.thread.join(0.02)
             waited += 0.02
         log.info("HTTP server listening on %s (%s)", self.where, self.setting)

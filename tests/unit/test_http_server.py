@@ -119,6 +119,15 @@ def test_a_port_that_is_taken_stops_start_up_naming_the_setting() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         server = http_server._ServerThread(noop_app, "127.0.0.1", port, "PORT")
-        with pytest.raises(SettingsError, match=f"PORT: cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(
+            SettingsError, match=f"PORT with HOST: cannot listen on 127.0.0.1:{port}"
+        ):
             server.start()
         server.stop()
+
+
+def test_a_host_that_is_not_this_machines_stops_start_up_naming_it() -> None:
+    server = http_server._ServerThread(noop_app, "203.0.113.7", 8123, "PORT")  # TEST-NET-3
+    with pytest.raises(SettingsError, match="HOST is not an address of this machine"):
+        server.start()
+    server.stop()
